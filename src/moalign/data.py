@@ -1,0 +1,86 @@
+"""Loading datasets (hub or local files) into moalign's standard columns.
+
+Standard shapes: samples (`prompt`, `response`) or pairs (`prompt`, `chosen`, `rejected`). HH-RLHF's raw
+`chosen`/`rejected` dialogues are split at the last "Assistant:" turn into a shared prompt and responses.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+
+from moalign.errors import MoalignError
+
+ASSISTANT = "\n\nAssistant:"
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def split_dialogue(text: str) -> tuple[str, str]:
+    """Split an HH-style dialogue at its last assistant turn: (prompt ending in 'Assistant:', response)."""
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        raise MoalignError("a dialogue has no '\\n\\nAssistant:' turn; give a 'prompt' column instead")
+    end = cut + len(ASSISTANT)
+    return text[:end], text[end:].removeprefix(" ")
+
+
+def _looks_local(source: str) -> bool:
+    return os.path.exists(source) or source.startswith((".", "/", "~")) or Path(source).suffix in LOCAL_FORMATS
+
+
+def load_raw(source: str, split: str = "train", subset: str | None = None) -> datasets.Dataset:
+    """Load a dataset from a local file or folder, or from the hub (cache only when offline)."""
+    if _looks_local(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise MoalignError(f"dataset path {source} does not exist")
+        if path.is_dir() and (path / "dataset_info.json").exists():
+            return datasets.load_from_disk(str(path))
+        if path.is_dir():
+            return datasets.load_dataset(str(path), split=split)
+        if path.suffix not in LOCAL_FORMATS:
+            raise MoalignError(f"dataset {source}: use a .json, .jsonl, .csv or .parquet file")
+        return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    try:
+        return datasets.load_dataset(source, subset, split=split)
+    except Exception as error:  # the hub client raises many types; the user needs one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MoalignError(f"cannot load dataset {source!r} ({first_line})") from None
+
+
+def standardize(dataset: datasets.Dataset, source: str = "dataset") -> datasets.Dataset:
+    """Return the dataset with standard columns: (prompt, response) or (prompt, chosen, rejected)."""
+    columns = set(dataset.column_names)
+    if {"prompt", "chosen", "rejected"} <= columns or {"prompt", "response"} <= columns:
+        return dataset
+    if {"chosen", "rejected"} <= columns:
+
+        def split_pair(row):
+            prompt, chosen = split_dialogue(row["chosen"])
+            _, rejected = split_dialogue(row["rejected"])
+            # When the two dialogues diverge before the last turn, keep the chosen one's context.
+            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+        return dataset.map(split_pair, desc="splitting dialogues")
+    raise MoalignError(
+        f"{source} has columns {sorted(columns)}; it needs 'prompt' and 'response', "
+        "or 'prompt', 'chosen' and 'rejected' (or HH-RLHF's 'chosen' and 'rejected' dialogues)"
+    )
+
+
+def load(source: str, split: str = "train", subset: str | None = None) -> datasets.Dataset:
+    return standardize(load_raw(source, split, subset), source)
+
+
+def is_pairs(dataset: datasets.Dataset) -> bool:
+    return {"chosen", "rejected"} <= set(dataset.column_names)
+
+
+def to_samples(dataset: datasets.Dataset) -> tuple[list[str], list[str]]:
+    """Every (prompt, response) sample: both the chosen and the rejected response of a pair count."""
+    if is_pairs(dataset):
+        prompts = list(dataset["prompt"])
+        return prompts + prompts, list(dataset["chosen"]) + list(dataset["rejected"])
+    return list(dataset["prompt"]), list(dataset["response"])

@@ -1,0 +1,259 @@
+"""Batched sampling from any Hugging Face causal LM: left padding, KV cache, per-row seeds and settings.
+
+The decoding loop is written out (nanoGPT-style) rather than delegated to `model.generate` so that each
+row samples from its own seeded generator: a prompt's output never depends on what else is in its batch,
+which the server's request batching relies on, and each token's log-probability comes for free.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from moalign.errors import MoalignError
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings of one prompt (the HTTP API's sampling fields map onto these)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+    top_logprobs: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise MoalignError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise MoalignError(f"temperature must be ≥ 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MoalignError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(path: str, device: str = "auto", dtype: str = "auto", adapter: str | None = None):
+    """Load a causal LM (optionally with a PEFT adapter) and a left-padding tokenizer for generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(device)
+    torch_dtype = (torch.bfloat16 if device == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except OSError as error:
+        raise MoalignError(f"cannot load model {path} ({str(error).strip().splitlines()[0]})") from None
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    prepare_tokenizer(tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Generation needs a pad token and left padding (so every prompt ends at the last position)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
+def _sample(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generators: list[torch.Generator]
+) -> torch.Tensor:
+    """One token per row: greedy where temperature is 0, else nucleus sampling with the row's generator."""
+    greedy = logits.argmax(dim=-1)
+    scaled = logits / temperature.clamp(min=1e-6)[:, None]
+    probs = torch.softmax(scaled.float(), dim=-1)
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs >= top_p[:, None], 0.0)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    draws = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)
+    position = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None]).clamp(max=logits.size(-1) - 1)
+    sampled = sorted_ids.gather(1, position).squeeze(1)
+    return torch.where(temperature == 0, greedy, sampled)
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    params: SamplingParams | Sequence[SamplingParams] | None = None,
+    batch_size: int = 64,
+) -> list[Completion]:
+    """Sample a completion for every prompt, `batch_size` prompts at a time."""
+    prompts = list(prompts)
+    if not prompts:
+        raise MoalignError("no prompts to generate for")
+    if params is None or isinstance(params, SamplingParams):
+        params = [params or SamplingParams()] * len(prompts)
+    params = list(params)
+    if len(params) != len(prompts):
+        raise MoalignError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+    for p in params:
+        p.validate()
+    prepare_tokenizer(tokenizer)
+    results: list[Completion] = []
+    for start in range(0, len(prompts), batch_size):
+        results += _generate_batch(
+            model, tokenizer, prompts[start : start + batch_size], params[start : start + batch_size]
+        )
+    return results
+
+
+def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingParams]) -> list[Completion]:
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    input_ids, attention = encoded["input_ids"], encoded["attention_mask"]
+    if input_ids.size(1) == 0:
+        raise MoalignError("prompts tokenize to nothing; give non-empty prompts")
+    rows = len(prompts)
+    max_new = max(p.max_new_tokens for p in params)
+    limit = torch.tensor([p.max_new_tokens for p in params], device=device)
+    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
+    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
+    generators = [torch.Generator().manual_seed(int(p.seed)) for p in params]
+    want_top = max(p.top_logprobs for p in params)
+    eos = tokenizer.eos_token_id
+
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    next_position = positions[:, -1] + 1
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    logps: list[list[float]] = [[] for _ in range(rows)]
+    tops: list[list[dict[str, float]]] = [[] for _ in range(rows)]
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    stopped = [False] * rows
+    for step in range(max_new):
+        choice = _sample(logits, temperature, top_p, generators)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        chosen_logp = log_probs.gather(1, choice[:, None]).squeeze(1)
+        if want_top:
+            top_values, top_ids = log_probs.topk(want_top, dim=-1)
+        for row in range(rows):
+            if done[row]:
+                continue
+            if choice[row].item() == eos:
+                done[row], stopped[row] = True, True
+                continue
+            tokens[row].append(int(choice[row]))
+            logps[row].append(float(chosen_logp[row]))
+            if params[row].top_logprobs:
+                k = params[row].top_logprobs
+                tops[row].append(
+                    {tokenizer.decode([int(i)]): float(v) for i, v in zip(top_ids[row, :k], top_values[row, :k])}
+                )
+        done |= torch.tensor([len(t) for t in tokens], device=device) >= limit
+        if step % 4 == 3:  # stop strings are checked every few tokens: decoding each step costs time
+            for row in range(rows):
+                if not done[row] and params[row].stop:
+                    _, hit = _cut_at_stop(tokenizer.decode(tokens[row]), params[row].stop)
+                    if hit:
+                        done[row], stopped[row] = True, True
+        if bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones(rows, 1, dtype=attention.dtype, device=device)], dim=1)
+        out = model(
+            input_ids=choice[:, None],
+            attention_mask=attention,
+            position_ids=next_position[:, None],
+            past_key_values=past,
+            use_cache=True,
+        )
+        past, logits = out.past_key_values, out.logits[:, -1]
+        next_position = next_position + 1
+
+    completions = []
+    for row in range(rows):
+        text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+        text, hit = _cut_at_stop(text, params[row].stop)
+        if hit:  # keep token-level fields consistent with the cut text
+            kept = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+            tokens[row], logps[row], tops[row] = tokens[row][:kept], logps[row][:kept], tops[row][:kept]
+        completions.append(
+            Completion(
+                text=text,
+                token_ids=tokens[row],
+                logprobs=logps[row],
+                finish_reason="stop" if (stopped[row] or hit) else "length",
+                top_logprobs=tops[row],
+                prompt_tokens=int(encoded["attention_mask"][row].sum()),
+            )
+        )
+    return completions
+
+
+def vllm_available() -> bool:
+    """vLLM is used only when it is installed and a GPU is present."""
+    if not torch.cuda.is_available() or os.environ.get("MOALIGN_NO_VLLM"):
+        return False
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def generate_vllm(model_path: str, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
+    """The same contract through vLLM (one sampling setting for the batch; seeds per request)."""
+    from vllm import LLM
+    from vllm import SamplingParams as VLLMParams
+
+    llm = LLM(model=model_path)
+    outputs = llm.generate(
+        list(prompts),
+        [
+            VLLMParams(
+                max_tokens=params.max_new_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                stop=params.stop or None,
+                seed=params.seed,
+                logprobs=1,
+            )
+        ]
+        * len(prompts),
+    )
+    completions = []
+    for output in outputs:
+        choice = output.outputs[0]
+        logprobs = [entry[token].logprob for entry, token in zip(choice.logprobs or [], choice.token_ids)]
+        completions.append(
+            Completion(
+                text=choice.text,
+                token_ids=list(choice.token_ids),
+                logprobs=logprobs,
+                finish_reason="stop" if choice.finish_reason == "stop" else "length",
+                prompt_tokens=len(output.prompt_token_ids),
+            )
+        )
+    return completions

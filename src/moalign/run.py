@@ -1,0 +1,88 @@
+"""The run directory: its manifest `moalign.json` and the atomic writes everything uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from moalign.errors import MoalignError
+
+MANIFEST = "moalign.json"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def guard_output(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to overwrite an existing file unless asked to."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise MoalignError(f"{path} exists; pass --overwrite to replace it or choose another output path")
+    return path
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("moalign", "torch", "transformers", "trl", "peft", "datasets", "accelerate"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_manifest(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Write `moalign.json`; `method` names the producer, library versions are added."""
+    if "method" not in manifest:
+        raise ValueError("a manifest needs a 'method'")
+    write_json(Path(run_dir) / MANIFEST, {**manifest, "versions": library_versions()})
+
+
+def read_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST
+    if not Path(run_dir).is_dir():
+        raise MoalignError(f"run directory {run_dir} does not exist")
+    if not path.exists():
+        raise MoalignError(f"{run_dir} is not a run directory: it has no {MANIFEST} (train a method into it first)")
+    try:
+        manifest = read_json(path)
+    except json.JSONDecodeError as error:
+        raise MoalignError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    if "method" not in manifest:
+        raise MoalignError(f"{path} has no 'method' key")
+    return manifest
