@@ -1,0 +1,189 @@
+"""The steerable policy: the one interface every method ends in, `generate(prompts, weights)`.
+
+`load_policy(run_dir)` reads the run's manifest and builds the policy its method needs:
+- a fixed model that ignores the preference (`base`, `sft`),
+- one model steered by what its prompt says (`ric`: the preference becomes desired rewards),
+- one model per trained preference, the nearest serving each request (`modpo`, `paretohqd`, `morlhf`),
+- a weight-space average built for the requested preference (`soups`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moalign.errors import MoalignError
+from moalign.generation import Completion, SamplingParams, generate, load_model
+from moalign.pareto import parse_weights, validate_weights
+from moalign.run import read_manifest
+
+
+class Policy:
+    """Generates for prompts under a preference (a weight per objective)."""
+
+    def __init__(self, manifest: dict[str, Any], run_dir: Path):
+        self.manifest = manifest
+        self.run_dir = Path(run_dir)
+        self.objectives: list[str] = list(manifest.get("objective_names") or [])
+        self.sampling = SamplingParams(**manifest.get("sampling", {}))
+
+    @property
+    def n_objectives(self) -> int:
+        return len(self.objectives)
+
+    def default_weights(self) -> np.ndarray:
+        return np.full(self.n_objectives, 1.0 / max(1, self.n_objectives))
+
+    def check_weights(self, weights: Sequence[float] | None) -> np.ndarray:
+        if weights is None:
+            return self.default_weights()
+        if self.n_objectives == 0:
+            return np.asarray(weights, dtype=float)
+        return validate_weights(weights, self.n_objectives)
+
+    def served_by(self, weights: np.ndarray) -> str:
+        """Which trained model answers for this preference (shown to server clients)."""
+        return "model"
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        weights: Sequence[Sequence[float]],
+        params: Sequence[SamplingParams],
+    ) -> list[Completion]:
+        """Per-row preference and sampling settings; the server's batches come through here."""
+        raise NotImplementedError
+
+    def generate(
+        self, prompts: Sequence[str], weights: Sequence[float] | None = None, params: SamplingParams | None = None
+    ) -> list[str]:
+        """Responses for the prompts under one preference."""
+        prompts = list(prompts)
+        if not prompts:
+            raise MoalignError("no prompts given")
+        w = self.check_weights(weights)
+        base = params or self.sampling
+        rows = [SamplingParams(**{**vars(base), "seed": base.seed + i}) for i in range(len(prompts))]
+        return [c.text for c in self.complete(prompts, [w] * len(prompts), rows)]
+
+
+class ModelPolicy(Policy):
+    """One causal LM; subclasses rewrite the prompt to carry the preference (RiC)."""
+
+    def __init__(self, manifest: dict[str, Any], run_dir: Path, device: str = "auto"):
+        super().__init__(manifest, run_dir)
+        path = run_dir / manifest.get("model", "model")
+        self.model, self.tokenizer = load_model(str(path), device=device)
+
+    def prepare_prompt(self, prompt: str, weights: np.ndarray) -> str:
+        return prompt
+
+    def complete(self, prompts, weights, params):
+        conditioned = [self.prepare_prompt(p, self.check_weights(w)) for p, w in zip(prompts, weights)]
+        return generate(self.model, self.tokenizer, conditioned, list(params))
+
+
+class FixedPolicy(ModelPolicy):
+    """A model that ignores the preference: the base model and the SFT baseline."""
+
+
+class PerPreferencePolicy(Policy):
+    """One model per trained preference; a request goes to the nearest trained preference (L1 distance).
+
+    The manifest lists `models: [{"preference": [...], "path": "models/..."}]`; models load on first use
+    and the `max_loaded` most recent stay in memory.
+    """
+
+    def __init__(self, manifest: dict[str, Any], run_dir: Path, device: str = "auto", max_loaded: int = 4):
+        super().__init__(manifest, run_dir)
+        entries = manifest.get("models") or []
+        if not entries:
+            raise MoalignError(f"{run_dir}/moalign.json lists no 'models'")
+        self.preferences = np.asarray([e["preference"] for e in entries], dtype=float)
+        self.paths = [run_dir / e["path"] for e in entries]
+        self.device, self.max_loaded = device, max_loaded
+        self.loaded: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+
+    def nearest(self, weights: np.ndarray) -> int:
+        return int(np.abs(self.preferences - np.asarray(weights)[None, :]).sum(axis=1).argmin())
+
+    def served_by(self, weights: np.ndarray) -> str:
+        return Path(self.paths[self.nearest(weights)]).name
+
+    def model_for(self, index: int):
+        if index not in self.loaded:
+            self.loaded[index] = load_model(str(self.paths[index]), device=self.device)
+            while len(self.loaded) > self.max_loaded:
+                self.loaded.popitem(last=False)
+        self.loaded.move_to_end(index)
+        return self.loaded[index]
+
+    def complete(self, prompts, weights, params):
+        chosen = [self.nearest(self.check_weights(w)) for w in weights]
+        results: list[Completion | None] = [None] * len(prompts)
+        for index in sorted(set(chosen)):
+            rows = [i for i, c in enumerate(chosen) if c == index]
+            model, tokenizer = self.model_for(index)
+            outputs = generate(model, tokenizer, [prompts[i] for i in rows], [params[i] for i in rows])
+            for i, output in zip(rows, outputs):
+                results[i] = output
+        return results  # type: ignore[return-value]
+
+
+# method name in the manifest -> the policy class (as "module:Class" for the methods' own policies)
+POLICIES: dict[str, str] = {
+    "base": "moalign.policy:FixedPolicy",
+    "sft": "moalign.policy:FixedPolicy",
+    "ric": "moalign.methods.ric:RiCPolicy",
+    "modpo": "moalign.policy:PerPreferencePolicy",
+    "dpo": "moalign.policy:FixedPolicy",
+    "paretohqd": "moalign.policy:PerPreferencePolicy",
+    "morlhf": "moalign.policy:PerPreferencePolicy",
+    "morl": "moalign.policy:PerPreferencePolicy",
+    "soups": "moalign.methods.soups:SoupPolicy",
+}
+
+
+def load_policy(run_dir: str | Path, **options) -> Policy:
+    """Read `run_dir/moalign.json` and build the policy of the method that produced the run."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    method = manifest["method"]
+    if method not in POLICIES:
+        raise MoalignError(f"{run_dir}: unknown method {method!r} in moalign.json; known: {', '.join(POLICIES)}")
+    module_name, _, class_name = POLICIES[method].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(manifest, run_dir, **options)
+
+
+def generate_cli(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="moalign generate", description="Generate from a run for a preference.")
+    parser.add_argument("run_dir")
+    parser.add_argument("prompts", nargs="+", help="one or more prompts")
+    parser.add_argument("--weights", default=None, help="comma-separated preference, e.g. 0.2,0.8")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    policy = load_policy(args.run_dir)
+    weights = parse_weights(args.weights, policy.n_objectives) if args.weights else None
+    overrides = {
+        key: value
+        for key, value in (
+            ("max_new_tokens", args.max_new_tokens),
+            ("temperature", args.temperature),
+            ("top_p", args.top_p),
+            ("seed", args.seed),
+        )
+        if value is not None
+    }
+    params = SamplingParams(**{**vars(policy.sampling), **overrides})
+    for prompt, response in zip(args.prompts, policy.generate(args.prompts, weights, params)):
+        print(f"{prompt}\n{response}\n")
