@@ -7,6 +7,7 @@ which the server's request batching relies on, and each token's log-probability 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,9 +58,13 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", adapter: st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)
+    adapter_config = os.path.join(path, "adapter_config.json")
+    if adapter is None and os.path.exists(adapter_config):  # a LoRA adapter folder: load its base first
+        with open(adapter_config) as handle:
+            adapter, path = path, json.load(handle)["base_model_name_or_path"]
     torch_dtype = (torch.bfloat16 if device == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(adapter or path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as error:
         raise MoalignError(f"cannot load model {path} ({str(error).strip().splitlines()[0]})") from None

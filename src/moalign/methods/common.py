@@ -1,0 +1,217 @@
+"""What every method's recipe shares: config parsing, CPU-safe defaults, models, LoRA, resumable SFT.
+
+Method configs extend TRL's configs (SFTConfig, DPOConfig, …) with `CommonArguments`, so every Trainer
+option works and `--config file.yaml` behaves as in TRL's own scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moalign.errors import MoalignError
+
+log = logging.getLogger("moalign")
+
+
+@dataclass
+class CommonArguments:
+    """Fields every method adds to its TRL config."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "base model: hub id or local path"})
+    dataset: str | None = field(default=None, metadata={"help": "hub id or local .json/.jsonl/.csv/.parquet"})
+    dataset_split: str = field(default="train", metadata={"help": "split of the training dataset"})
+    max_samples: int | None = field(default=None, metadata={"help": "use only the first N rows of the dataset"})
+    objectives: list[str] = field(default_factory=list, metadata={"help": "objective specs, e.g. vader brevity"})
+    eval_prompts: str | None = field(default=None, metadata={"help": "JSONL of held-out prompts for `moalign eval`"})
+    score_cache: str | None = field(default=None, metadata={"help": "SQLite score cache (default: user cache)"})
+    use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "default: all linear layers"})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "max new tokens when the method generates"})
+    sample_temperature: float = 1.0
+    sample_top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        # TRL defaults to bf16 and gradient checkpointing, which a CPU run cannot use.
+        if not torch.cuda.is_available():
+            self.bf16 = False
+            self.fp16 = False
+            self.gradient_checkpointing = False
+            self.use_cpu = True
+        super().__post_init__()
+
+
+def parse_config(config_class: type, argv: list[str]):
+    """Parse `--config FILE.yaml` plus flags into one method config (flags win over the file)."""
+    from trl import TrlParser
+
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv) or not os.path.exists(argv[index + 1]):
+            raise MoalignError(
+                f"config file {argv[index + 1] if index + 1 < len(argv) else '(missing)'} does not exist"
+            )
+    parser = TrlParser((config_class,))
+    try:
+        (config,) = parser.parse_args_and_config(argv)
+    except ValueError as error:
+        raise MoalignError(str(error).strip().splitlines()[0]) from None
+    if not config.model_name_or_path:
+        raise MoalignError("model_name_or_path is not set (YAML key or --model_name_or_path)")
+    if not config.dataset:
+        raise MoalignError("dataset is not set (YAML key or --dataset)")
+    if not config.output_dir:
+        raise MoalignError("output_dir is not set: the run directory to write")
+    return config
+
+
+def objective_names(specs: list[str]) -> list[str]:
+    from moalign.objectives import build_all
+
+    return [objective.name for objective in build_all(specs)]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str):
+    """A causal LM in float32 on CPU (the Trainer moves it where it trains)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as error:
+        raise MoalignError(f"cannot load model {path} ({str(error).strip().splitlines()[0]})") from None
+
+
+def lora_config(config: CommonArguments):
+    """PEFT's LoRA config from the method config, or None for full fine-tuning."""
+    if not config.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest Trainer checkpoint in `output_dir`, to resume an interrupted stage from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
+def save_final(model, tokenizer, destination: Path) -> None:
+    """Save a model (or adapter) under a temporary name, then rename: a folder that exists is complete."""
+    tmp = destination.with_name(f".{destination.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(tmp, destination)
+
+
+def stage_args(config, output_dir: Path, **overrides):
+    """A copy of the method config for one training stage, writing its checkpoints under `output_dir`."""
+    import dataclasses
+
+    return dataclasses.replace(config, output_dir=str(output_dir), **overrides)
+
+
+def train_sft(
+    model_path: str,
+    dataset,
+    config,
+    stage_dir: Path,
+    final_dir: Path,
+    keep_adapter: bool = False,
+    **overrides,
+) -> dict[str, Any]:
+    """One resumable SFT stage on a prompt/completion dataset, loss on the completion only.
+
+    With LoRA the adapter is merged into the saved model unless `keep_adapter` (then only the adapter is
+    saved, and `moalign.generation.load_model` finds its base). Returns timing and token counts. A stage whose `final_dir` exists is skipped (it finished before); an
+    interrupted one resumes from its newest checkpoint in `stage_dir`.
+    """
+    from trl import SFTTrainer
+
+    marker = final_dir / "moalign_stage.json"
+    if marker.exists():
+        log.info(f"stage {final_dir.name}: already trained, skipping")
+        return json.loads(marker.read_text())
+    args = stage_args(config, stage_dir, completion_only_loss=True, **overrides)
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(config),
+    )
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
+    seconds = time.perf_counter() - start
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    sequences = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    tokens = int(sequences * sum(lengths) / max(1, len(lengths)))
+    model = trainer.model
+    if config.use_peft and not keep_adapter:
+        model = model.merge_and_unload()  # later stages and policies then load one plain model
+    save_final(model, tokenizer, final_dir)
+    stats = {"seconds": seconds, "tokens": tokens, "steps": trainer.state.global_step, "samples": len(dataset)}
+    marker.write_text(json.dumps(stats))
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    return stats
+
+
+def sampling_fields(config: CommonArguments) -> dict[str, Any]:
+    """The decoding settings a run's policy uses by default (stored in the manifest)."""
+    return {
+        "max_new_tokens": config.sample_max_new_tokens,
+        "temperature": config.sample_temperature,
+        "top_p": config.sample_top_p,
+    }
+
+
+def write_run_manifest(config: CommonArguments, method: str, **fields: Any) -> None:
+    """The run's manifest: method, base model, objectives, sampling, held-out prompts, plus `fields`."""
+    from moalign.run import write_manifest
+
+    run_dir = Path(config.output_dir)
+    manifest: dict[str, Any] = {
+        "method": method,
+        "base_model": config.model_name_or_path,
+        "objectives": list(config.objectives),
+        "objective_names": objective_names(config.objectives) if config.objectives else [],
+        "sampling": sampling_fields(config),
+    }
+    if config.eval_prompts:
+        if not os.path.exists(config.eval_prompts):
+            raise MoalignError(f"eval_prompts file {config.eval_prompts} does not exist")
+        shutil.copyfile(config.eval_prompts, run_dir / "eval_prompts.jsonl")
+        manifest["eval_prompts"] = "eval_prompts.jsonl"
+    manifest.update(fields)
+    write_manifest(run_dir, manifest)

@@ -1,0 +1,53 @@
+"""The SFT baseline: fine-tune the base model on the preferred responses (the chosen ones of pairs).
+
+Usage: moalign sft --config configs/sft_demo.yaml [--flag value ...]
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from trl import SFTConfig
+
+from moalign import data
+from moalign.methods.common import CommonArguments, parse_config, train_sft, write_run_manifest
+
+
+@dataclass
+class SFTRunConfig(CommonArguments, SFTConfig):
+    """TRL's SFTConfig plus moalign's common fields."""
+
+
+def preferred_completions(dataset: datasets.Dataset) -> datasets.Dataset:
+    """prompt/completion rows: the chosen response of each pair, or every response of a sample set."""
+    column = "chosen" if data.is_pairs(dataset) else "response"
+    return datasets.Dataset.from_dict(
+        {"prompt": list(dataset["prompt"]), "completion": [" " + text for text in dataset[column]]}
+    )
+
+
+def train(config: SFTRunConfig) -> Path:
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = data.load(config.dataset, config.dataset_split)
+    if config.max_samples:
+        source = source.select(range(min(config.max_samples, len(source))))
+    start = time.perf_counter()
+    stats = train_sft(
+        config.model_name_or_path, preferred_completions(source), config, run_dir / "checkpoints", run_dir / "model"
+    )
+    write_run_manifest(
+        config,
+        "sft",
+        model="model",
+        training={"seconds": time.perf_counter() - start, "tokens": stats["tokens"], "stages": {"sft": stats}},
+    )
+    return run_dir
+
+
+def cli(argv: list[str]) -> None:
+    config = parse_config(SFTRunConfig, argv)
+    print(f"SFT run written to {train(config)}")
