@@ -1,0 +1,434 @@
+"""Evaluating runs on the preference grid: one point per preference, hypervolume, collapse, steerability.
+
+Every method is judged the same way (METHODS §6): for each weight vector on a simplex grid the policy
+answers the same held-out prompts with the same decoding settings and seeds, the objectives score the
+answers, and the mean score per objective is that preference's point. Fronts of several runs are compared
+by hypervolume against ONE reference point shared by all of them, which is reported with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moalign.errors import MoalignError
+from moalign.generation import SamplingParams
+from moalign.objectives import Objective, build_all
+from moalign.pareto import hypervolume, non_dominated, simplex_grid, validate_weights
+from moalign.run import read_json, read_manifest, write_json
+from moalign.scores import ScoreCache, score
+
+N_SAMPLES = 3  # responses per preference kept for the report
+REFERENCE_MARGIN = 0.1  # default reference point: the worst score minus this share of the span
+
+_WORD = re.compile(r"\S+")
+
+
+def is_degenerate(text: str) -> bool:
+    """Whether a response has collapsed: empty, under 3 words, or repetitive.
+
+    Repetitive means fewer than half of its word bigrams are distinct, or some word trigram occurs
+    3 times or more; reward hacking and mode collapse show up as exactly these outputs.
+    """
+    words = _WORD.findall(text.lower())
+    if len(words) < 3:
+        return True
+    bigrams = list(zip(words, words[1:]))
+    if len(set(bigrams)) / len(bigrams) < 0.5:
+        return True
+    trigrams = Counter(zip(words, words[1:], words[2:]))
+    return max(trigrams.values()) >= 3
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation; NaN when either side is constant or has fewer than 2 values."""
+    from scipy.stats import rankdata
+
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if a.size < 2:
+        return math.nan
+    ra, rb = rankdata(a), rankdata(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = math.sqrt(float((ra**2).sum() * (rb**2).sum()))
+    if denominator == 0:
+        return math.nan
+    return float(np.clip((ra * rb).sum() / denominator, -1.0, 1.0))
+
+
+def steerability(preferences: np.ndarray, points: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """Per objective, how monotonically its mean score follows its own weight over the grid (1 is perfect)."""
+    return {name: spearman(preferences[:, i], points[:, i]) for i, name in enumerate(names)}
+
+
+def _count_tokens(policy: Any, texts: list[str]) -> tuple[int, str]:
+    """Generated tokens, re-tokenised with the policy's tokenizer where it has one (words otherwise)."""
+    tokenizer = getattr(policy, "tokenizer", None)
+    if tokenizer is not None:
+        try:
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return sum(len(row) for row in ids), "tokens"
+        except Exception:  # a tokenizer that cannot batch plain text: fall back to words
+            pass
+    return sum(len(text.split()) for text in texts), "words"
+
+
+def evaluate_policy(
+    policy: Any,
+    prompts: Sequence[str],
+    objectives: Sequence[Objective],
+    preferences: np.ndarray | Sequence[Sequence[float]],
+    sampling: SamplingParams | None = None,
+    cache: ScoreCache | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One point (mean score per objective) per preference, plus samples, collapse and steerability.
+
+    `policy.generate` gives every prompt the same seed under every preference, so points differ only
+    because the preference does.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise MoalignError("no evaluation prompts: give a non-empty prompt list (--prompts FILE)")
+    objectives = list(objectives)
+    if not objectives:
+        raise MoalignError("no objectives to evaluate with")
+    names = [objective.name for objective in objectives]
+    grid = np.asarray(preferences, dtype=float)
+    if grid.ndim != 2 or len(grid) == 0:
+        raise MoalignError(f"preferences must be a non-empty list of weight vectors, got shape {grid.shape}")
+    for w in grid:
+        validate_weights(w, len(names))
+    sampling = sampling or getattr(policy, "sampling", None) or SamplingParams()
+    cache = cache if cache is not None else ScoreCache()
+
+    points, samples, collapse_rates = [], [], []
+    tokens, unit, seconds = 0, "tokens", 0.0
+    for w in grid:
+        start = time.perf_counter()
+        responses = list(policy.generate(prompts, w, sampling))
+        seconds += time.perf_counter() - start
+        if len(responses) != len(prompts):
+            raise MoalignError(f"the policy returned {len(responses)} responses for {len(prompts)} prompts")
+        count, unit = _count_tokens(policy, responses)
+        tokens += count
+        scores = score(objectives, prompts, responses, cache, progress=progress)
+        points.append([float(np.mean(scores[name])) for name in names])
+        degenerate = [is_degenerate(text) for text in responses]
+        collapse_rates.append(float(np.mean(degenerate)))
+        samples.append(
+            [
+                {
+                    "prompt": prompts[i],
+                    "response": responses[i],
+                    "scores": {name: float(scores[name][i]) for name in names},
+                    "degenerate": degenerate[i],
+                }
+                for i in range(min(N_SAMPLES, len(prompts)))
+            ]
+        )
+    matrix = np.asarray(points, dtype=float)
+    return {
+        "objectives": names,
+        "preferences": grid.tolist(),
+        "points": matrix.tolist(),
+        "non_dominated": np.flatnonzero(non_dominated(matrix)).tolist(),
+        "collapse_rate": float(np.mean(collapse_rates)),
+        "collapse_rates": collapse_rates,
+        "steerability": steerability(grid, matrix, names),
+        "prompts": len(prompts),
+        "samples": samples,
+        "seconds": seconds,
+        "generated": tokens,
+        "generated_unit": unit,
+        "generated_per_second": tokens / seconds if seconds > 0 else math.nan,
+        "sampling": dict(vars(sampling)),
+    }
+
+
+def default_reference_point(fronts: Sequence[np.ndarray | Sequence[Sequence[float]]]) -> list[float]:
+    """Per objective, the worst mean score of any run minus 10% of the span across runs.
+
+    Shared by every run compared so that their hypervolumes are comparable; where all points agree on
+    an objective the margin is 10% of its magnitude (at least 0.1) so that the volume stays positive.
+    """
+    stacked = np.vstack([np.asarray(front, dtype=float) for front in fronts])
+    low, high = stacked.min(axis=0), stacked.max(axis=0)
+    span = high - low
+    margin = np.where(span > 0, REFERENCE_MARGIN * span, REFERENCE_MARGIN * np.maximum(np.abs(low), 1.0))
+    return (low - margin).tolist()
+
+
+def check_reference_point(reference_point: Sequence[float] | str, n_objectives: int) -> list[float]:
+    """Parse 'a,b' or a sequence into one finite number per objective."""
+    if isinstance(reference_point, str):
+        try:
+            reference_point = [float(part) for part in reference_point.split(",")]
+        except ValueError:
+            raise MoalignError(
+                f"reference point {reference_point!r} must be comma-separated numbers, e.g. -1,-50"
+            ) from None
+    values = [float(v) for v in reference_point]
+    if len(values) != n_objectives:
+        raise MoalignError(
+            f"reference point {values} has {len(values)} entries, expected {n_objectives} (one per objective)"
+        )
+    if not all(math.isfinite(v) for v in values):
+        raise MoalignError(f"reference point {values} must be finite")
+    return values
+
+
+def front_metrics(points: np.ndarray | Sequence[Sequence[float]], reference_point: Sequence[float]) -> dict[str, Any]:
+    """The non-dominated points (indices) and their hypervolume above the shared reference point."""
+    matrix = np.asarray(points, dtype=float)
+    reference = check_reference_point(reference_point, matrix.shape[1])
+    mask = non_dominated(matrix)
+    return {
+        "non_dominated": np.flatnonzero(mask).tolist(),
+        "n_non_dominated": int(mask.sum()),
+        "reference_point": reference,
+        "hypervolume": hypervolume(matrix[mask], reference),
+    }
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Prompts from a JSONL file with a `prompt` field per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoalignError(f"prompt file {path} does not exist")
+    prompts = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise MoalignError(f"{path}:{number} is not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise MoalignError(f"{path}:{number} has no string 'prompt' field")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise MoalignError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def _resolve_prompts(
+    prompts: Sequence[str] | str | Path | None, manifests: list[tuple[Path, dict]], n_prompts: int | None
+) -> list[str]:
+    if isinstance(prompts, (str, Path)):
+        loaded = load_prompts(prompts)
+    elif prompts is not None:
+        loaded = [str(p) for p in prompts]
+    else:
+        source = next(((run, m["eval_prompts"]) for run, m in manifests if m.get("eval_prompts")), None)
+        if source is None:
+            raise MoalignError(
+                "no evaluation prompts: pass --prompts FILE.jsonl or train with eval_prompts set in the manifest"
+            )
+        run, path = source
+        path = Path(path)
+        loaded = load_prompts(path if path.is_absolute() else run / path)
+    if n_prompts is not None:
+        if n_prompts < 1:
+            raise MoalignError(f"--n-prompts must be ≥ 1, got {n_prompts}")
+        loaded = loaded[:n_prompts]
+    if not loaded:
+        raise MoalignError("no evaluation prompts: the prompt list is empty")
+    return loaded
+
+
+def _objective_specs(manifests: list[tuple[Path, dict]]) -> tuple[list, list[str]]:
+    """The first run's objectives; every run compared must name the same ones."""
+    first_run, first = manifests[0]
+    specs = first.get("objectives") or []
+    if not specs:
+        raise MoalignError(f"{first_run}/moalign.json lists no 'objectives'; cannot score its outputs")
+    names = list(first.get("objective_names") or [])
+    for run, manifest in manifests[1:]:
+        other = list(manifest.get("objective_names") or [])
+        if other != names:
+            raise MoalignError(
+                f"runs have different objectives: {first_run} has {names}, {run} has {other}; "
+                "compare only runs trained on the same objectives"
+            )
+    return specs, names
+
+
+def _sampling_for(policy: Any, sampling: SamplingParams | dict | None) -> SamplingParams:
+    if isinstance(sampling, SamplingParams):
+        return sampling
+    base = getattr(policy, "sampling", None) or SamplingParams()
+    return SamplingParams(**{**vars(base), **(sampling or {})})
+
+
+def evaluate_runs(
+    run_dirs: Sequence[str | Path],
+    prompts: Sequence[str] | str | Path | None = None,
+    n_prompts: int | None = None,
+    divisions: int = 10,
+    reference_point: Sequence[float] | str | None = None,
+    sampling: SamplingParams | dict | None = None,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate every run on the same grid and prompts; write front.json/png and report.html per run.
+
+    `sampling` is either the exact decoding settings or a dict of overrides on each run's own. With
+    several runs a combined plot and report go to `output_dir` (default: the first run's parent).
+    """
+    from moalign import report
+    from moalign.policy import load_policy
+
+    runs = [Path(run) for run in run_dirs]
+    if not runs:
+        raise MoalignError("no run directories given")
+    manifests = [(run, read_manifest(run)) for run in runs]
+    specs, names = _objective_specs(manifests)
+    n = len(names) or len(specs)
+    if reference_point is not None:
+        reference_point = check_reference_point(reference_point, n)
+    if divisions < 1:
+        raise MoalignError(f"--divisions must be ≥ 1, got {divisions}")
+    prompt_list = _resolve_prompts(prompts, manifests, n_prompts)
+    objectives = build_all(specs)
+    if names and [o.name for o in objectives] != names:
+        raise MoalignError(
+            f"{runs[0]}/moalign.json: objective_names {names} do not match its objectives "
+            f"{[o.name for o in objectives]}"
+        )
+    names = [o.name for o in objectives]
+    grid = simplex_grid(len(names), divisions)
+    cache = ScoreCache()
+
+    fronts = []
+    for run, manifest in manifests:
+        policy = load_policy(run)
+        result = evaluate_policy(
+            policy, prompt_list, objectives, grid, _sampling_for(policy, sampling), cache, progress=progress
+        )
+        del policy  # one model in memory at a time
+        result.update(run=str(run), name=run.name, method=manifest["method"])
+        for key in ("stats", "training", "base_model"):
+            if key in manifest:
+                result[key] = manifest[key]
+        fronts.append(result)
+
+    reference = reference_point or default_reference_point([f["points"] for f in fronts])
+    for front in fronts:
+        front.update(front_metrics(front["points"], reference))
+        run = Path(front["run"])
+        write_json(run / "front.json", _finite(front))
+        report.plot_fronts([front], run / "front.png")
+        report.write_html([front], run / "report.html", plot=run / "front.png")
+    if len(fronts) > 1:
+        out = Path(output_dir) if output_dir else runs[0].resolve().parent
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "fronts.json", _finite({"reference_point": reference, "runs": fronts}))
+        report.plot_fronts(fronts, out / "fronts.png")
+        report.write_html(fronts, out / "report.html", plot=out / "fronts.png")
+    return fronts
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: undefined numbers (a constant objective's steerability) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def load_front(run_dir: str | Path) -> dict[str, Any]:
+    """A run's front.json as `moalign eval` wrote it."""
+    path = Path(run_dir) / "front.json"
+    if not path.exists():
+        raise MoalignError(f"{run_dir} has no front.json; run `moalign eval {run_dir}` first")
+    return read_json(path)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def summary_table(fronts: Sequence[dict[str, Any]]) -> str:
+    """The short table `moalign eval` prints: run, method, hypervolume, collapse rate, steerability."""
+    header = ["run", "method", "hypervolume", "non-dom", "collapse", "steerability"]
+    rows = [
+        [
+            front["name"],
+            front["method"],
+            _fmt(front["hypervolume"], 4),
+            f"{front['n_non_dominated']}/{len(front['points'])}",
+            f"{front['collapse_rate']:.0%}",
+            " ".join(f"{name}={_fmt(value, 2)}" for name, value in front["steerability"].items()),
+        ]
+        for front in fronts
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _join_negative_values(argv: list[str], flag: str) -> list[str]:
+    """`--reference-point -1,-60` would read as a flag to argparse; pass it as `--reference-point=-1,-60`."""
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        if argv[index] == flag and index + 1 < len(argv) and re.fullmatch(r"-[\d.][^ ]*", argv[index + 1]):
+            out.append(f"{flag}={argv[index + 1]}")
+            index += 2
+        else:
+            out.append(argv[index])
+            index += 1
+    return out
+
+
+def cli(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="moalign eval", description="Evaluate runs on the preference grid: fronts, hypervolume, report."
+    )
+    parser.add_argument("runs", nargs="+", help="run directories (each with moalign.json)")
+    parser.add_argument("--prompts", default=None, help="JSONL with a 'prompt' field (default: the run's)")
+    parser.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--divisions", type=int, default=10, help="grid steps per objective (10: w1=0,0.1,…,1)")
+    parser.add_argument("--reference-point", default=None, help="shared hypervolume reference, e.g. -1,-60")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--output-dir", default=None, help="where the combined report goes (several runs)")
+    args = parser.parse_args(_join_negative_values(argv, "--reference-point"))
+    overrides = {
+        key: value
+        for key, value in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature))
+        if value is not None
+    }
+    fronts = evaluate_runs(
+        args.runs,
+        prompts=args.prompts,
+        n_prompts=args.n_prompts,
+        divisions=args.divisions,
+        reference_point=args.reference_point,
+        sampling=overrides,
+        output_dir=args.output_dir,
+    )
+    print(summary_table(fronts))
+    print(f"reference point: {', '.join(_fmt(v, 4) for v in fronts[0]['reference_point'])}")
+    if len(fronts) > 1:
+        out = Path(args.output_dir) if args.output_dir else Path(args.runs[0]).resolve().parent
+        print(f"report: {out / 'report.html'}")
+    else:
+        print(f"report: {Path(fronts[0]['run']) / 'report.html'}")

@@ -1,0 +1,231 @@
+"""Plots of fronts and the self-contained HTML / Markdown reports `moalign eval` and the benchmarks write.
+
+A person compares trade-offs faster by looking at fronts than by reading tables, so every evaluation
+writes a PNG and an HTML page that embeds it (base64: the page can be mailed or attached alone).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import itertools
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moalign.run import atomic_write_text
+
+MAX_PANELS = 6  # pairwise projections drawn for N ≥ 3 objectives
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in tests
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(front: dict[str, Any]) -> str:
+    return f"{front.get('name', 'run')} ({front.get('method', '?')})"
+
+
+def _weight_label(preference: Sequence[float]) -> str:
+    if len(preference) == 2:
+        return f"{preference[0]:g}"
+    return "(" + ",".join(f"{w:g}" for w in preference) + ")"
+
+
+def _draw_pair(ax, fronts: Sequence[dict[str, Any]], i: int, j: int, annotate: bool) -> None:
+    """Objective i on x, objective j on y: a line through the grid, non-dominated points filled."""
+    names = fronts[0]["objectives"]
+    colors = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, front in enumerate(fronts):
+        color = colors[index % len(colors)]
+        points = np.asarray(front["points"], dtype=float)
+        ax.plot(points[:, i], points[:, j], "-o", color=color, mfc="white", ms=5, lw=1.2, label=_label(front))
+        best = list(front.get("non_dominated", []))
+        if best:
+            ax.scatter(points[best, i], points[best, j], color=color, s=40, zorder=3, edgecolor="black", lw=0.6)
+        if annotate:
+            for preference, (x, y) in zip(front["preferences"], points[:, [i, j]]):
+                ax.annotate(
+                    _weight_label(preference),
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, 4 + 9 * index),
+                    fontsize=7,
+                    color=color,
+                )
+    reference = fronts[0].get("reference_point")
+    if reference is not None:
+        ax.scatter([reference[i]], [reference[j]], marker="x", color="black", s=50, zorder=4, label="reference point")
+        ax.axvline(reference[i], color="grey", lw=0.6, ls=":")
+        ax.axhline(reference[j], color="grey", lw=0.6, ls=":")
+    ax.set_xlabel(f"{names[i]} (mean)")
+    ax.set_ylabel(f"{names[j]} (mean)")
+    ax.grid(alpha=0.3)
+
+
+def plot_fronts(fronts: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Draw one or more runs' fronts into a PNG.
+
+    N = 2: the fronts, each grid point labelled with its weight w1, non-dominated points filled, the
+    reference point drawn; N ≥ 3: pairwise projections side by side; N = 1: mean score per run.
+    """
+    plt = _pyplot()
+    names = fronts[0]["objectives"]
+    n = len(names)
+    if n == 1:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.bar([_label(f) for f in fronts], [np.asarray(f["points"], dtype=float)[:, 0].mean() for f in fronts])
+        ax.set_ylabel(f"{names[0]} (mean)")
+    elif n == 2:
+        fig, ax = plt.subplots(figsize=(6.5, 5))
+        _draw_pair(ax, fronts, 0, 1, annotate=True)
+        ax.set_title("fronts over the preference grid (labels: w1)" if len(fronts) > 1 else _label(fronts[0]))
+        ax.legend(fontsize=8, loc="best")
+    else:
+        pairs = list(itertools.combinations(range(n), 2))[:MAX_PANELS]
+        fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.5), squeeze=False)
+        for ax, (i, j) in zip(axes[0], pairs):
+            _draw_pair(ax, fronts, i, j, annotate=False)
+        axes[0][0].legend(fontsize=8, loc="best")
+        fig.suptitle("pairwise projections of the fronts (filled: non-dominated in all objectives)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value + 0.0:.{digits}g}"  # + 0.0 turns -0.0 into 0
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub Markdown table of dict rows; missing cells stay empty, floats get 4 significant digits."""
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = ["" if row.get(c) is None else _number(row.get(c)) for c in columns]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_number(cell))}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _summary(fronts: Sequence[dict[str, Any]]) -> str:
+    names = fronts[0]["objectives"]
+    header = ["run", "method", "hypervolume", "non-dominated", "collapse rate"]
+    header += [f"steerability {n}" for n in names] + ["eval seconds", "generated/s", "training s", "training tokens"]
+    rows = []
+    for f in fronts:
+        training = f.get("training") or {}
+        rows.append(
+            [f.get("name"), f.get("method"), f.get("hypervolume"), f"{f.get('n_non_dominated')}/{len(f['points'])}"]
+            + [f"{f.get('collapse_rate', math.nan):.1%}"]
+            + [f["steerability"].get(n) for n in names]
+            + [f.get("seconds"), f.get("generated_per_second"), training.get("seconds"), training.get("tokens")]
+        )
+    return _html_table(header, rows)
+
+
+def _points(front: dict[str, Any]) -> str:
+    names = front["objectives"]
+    best = set(front.get("non_dominated", []))
+    rows = []
+    for index, (w, p) in enumerate(zip(front["preferences"], front["points"])):
+        rate = front.get("collapse_rates", [None] * len(front["points"]))[index]
+        rows.append(
+            [_weight_label(w)] + list(p) + ["yes" if index in best else "", "" if rate is None else f"{rate:.0%}"]
+        )
+    return _html_table(
+        ["w1" if len(names) == 2 else "w"] + [f"mean {n}" for n in names] + ["non-dominated", "collapsed"], rows
+    )
+
+
+def _samples(front: dict[str, Any]) -> str:
+    parts = []
+    for w, samples in zip(front["preferences"], front.get("samples", [])):
+        items = []
+        for sample in samples:
+            scores = ", ".join(f"{k}={_number(v, 3)}" for k, v in sample.get("scores", {}).items())
+            flag = " <b>[degenerate]</b>" if sample.get("degenerate") else ""
+            items.append(
+                f"<li><div class='prompt'>{html.escape(sample['prompt'])}</div>"
+                f"<pre>{html.escape(sample['response'])}</pre><small>{html.escape(scores)}{flag}</small></li>"
+            )
+        parts.append(
+            f"<details><summary>w = ({', '.join(f'{x:g}' for x in w)})</summary><ol>{''.join(items)}</ol></details>"
+        )
+    return "".join(parts)
+
+
+def _stats(stats: dict[str, Any]) -> str:
+    """Normalisation statistics saved with the run (NormStats.to_dict), one row per objective."""
+    names = stats.get("names") or []
+    keys = [k for k in ("mean", "std", "min", "max") if k in stats]
+    if not names or not keys:
+        return f"<pre>{html.escape(repr(stats))}</pre>"
+    rows = [[name] + [stats[k][i] for k in keys] for i, name in enumerate(names)]
+    return _html_table(["objective", *keys], rows)
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.8em 0}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child{text-align:left}pre{white-space:pre-wrap;background:#f8f8f8;padding:4px}
+.prompt{color:#555;font-style:italic}img{max-width:100%}details{margin:0.3em 0}
+"""
+
+
+def write_html(
+    fronts: Sequence[dict[str, Any]], path: str | os.PathLike, plot: str | os.PathLike | None = None
+) -> Path:
+    """A self-contained report: numbers, the embedded plot, points, samples per preference, statistics."""
+    reference = fronts[0].get("reference_point")
+    names = fronts[0]["objectives"]
+    title = "moalign evaluation: " + ", ".join(str(f.get("name")) for f in fronts)
+    sections = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>", _summary(fronts)]
+    if reference is not None:
+        values = ", ".join(f"{n} = {_number(v)}" for n, v in zip(names, reference))
+        sections.append(f"<p>Hypervolume reference point (shared by all runs): {html.escape(values)}</p>")
+    first = fronts[0]
+    sections.append(
+        f"<p>{first.get('prompts')} held-out prompts per preference, {len(first['preferences'])} preferences; "
+        f"decoding: {html.escape(str(first.get('sampling', {})))}</p>"
+    )
+    if plot is not None and Path(plot).exists():
+        encoded = base64.b64encode(Path(plot).read_bytes()).decode()
+        sections.append(f"<img alt='fronts' src='data:image/png;base64,{encoded}'>")
+    for front in fronts:
+        sections.append(f"<h2>{html.escape(_label(front))}</h2>")
+        sections.append(_points(front))
+        if front.get("stats"):
+            sections.append("<h3>Normalisation statistics (training scores)</h3>" + _stats(front["stats"]))
+        sections.append("<h3>Sample responses per preference</h3>" + _samples(front))
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n"
+    )
+    path = Path(path)
+    atomic_write_text(path, page)
+    return path
