@@ -7,6 +7,7 @@ which the server's request batching relies on, and each token's log-probability 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -149,9 +150,11 @@ def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingP
     want_top = max(p.top_logprobs for p in params)
     eos = tokenizer.eos_token_id
 
+    # transformers 5 renames `past_key_values` to `cache` model by model; use whichever this one takes.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
+    past, logits = getattr(out, cache_name), out.logits[:, -1]
     next_position = positions[:, -1] + 1
     tokens: list[list[int]] = [[] for _ in range(rows)]
     logps: list[list[float]] = [[] for _ in range(rows)]
@@ -191,10 +194,10 @@ def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingP
             input_ids=choice[:, None],
             attention_mask=attention,
             position_ids=next_position[:, None],
-            past_key_values=past,
             use_cache=True,
+            **{cache_name: past},
         )
-        past, logits = out.past_key_values, out.logits[:, -1]
+        past, logits = getattr(out, cache_name), out.logits[:, -1]
         next_position = next_position + 1
 
     completions = []

@@ -20,6 +20,7 @@ import torch
 from moalign.errors import MoalignError
 
 log = logging.getLogger("moalign")
+STAGE_MARKER = "moalign_stage.json"  # written last: a model folder holding it is complete
 
 
 @dataclass
@@ -140,6 +141,12 @@ def stage_args(config, output_dir: Path, **overrides):
     return dataclasses.replace(config, output_dir=str(output_dir), **overrides)
 
 
+def finished_stage(final_dir: Path) -> dict[str, Any] | None:
+    """The statistics of a stage that finished before (its model folder is complete), else None."""
+    marker = final_dir / STAGE_MARKER
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
 def train_sft(
     model_path: str,
     dataset,
@@ -157,10 +164,9 @@ def train_sft(
     """
     from trl import SFTTrainer
 
-    marker = final_dir / "moalign_stage.json"
-    if marker.exists():
+    if (done := finished_stage(final_dir)) is not None:
         log.info(f"stage {final_dir.name}: already trained, skipping")
-        return json.loads(marker.read_text())
+        return done
     args = stage_args(config, stage_dir, completion_only_loss=True, **overrides)
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
@@ -182,7 +188,7 @@ def train_sft(
         model = model.merge_and_unload()  # later stages and policies then load one plain model
     save_final(model, tokenizer, final_dir)
     stats = {"seconds": seconds, "tokens": tokens, "steps": trainer.state.global_step, "samples": len(dataset)}
-    marker.write_text(json.dumps(stats))
+    (final_dir / STAGE_MARKER).write_text(json.dumps(stats))
     shutil.rmtree(stage_dir, ignore_errors=True)
     return stats
 

@@ -1,0 +1,381 @@
+"""Rewards-in-Context (Yang et al., ICML 2024): one model, SFT only, steered by rewards in its prompt.
+
+Usage: moalign ric --config configs/ric_demo.yaml [--flag value ...]
+
+Stages, each resumable (a finished stage is skipped, an interrupted one resumes from its checkpoint):
+  prepare   score every sample (both responses of a pair), z-score statistics, reward-in-context data
+  offline   SFT on the reward-conditioned data, loss on the response only
+  online_k  multi-objective rejection sampling (MORS): sample targets, generate, score, relabel with the
+            scores obtained, keep samples with any objective ≥ its q-quantile, mix filtered offline data,
+            continue SFT
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+from trl import SFTConfig
+
+from moalign import data
+from moalign.errors import MoalignError
+from moalign.generation import SamplingParams, generate, load_model
+from moalign.methods.common import CommonArguments, finished_stage, parse_config, train_sft, write_run_manifest
+from moalign.objectives import build_all
+from moalign.pareto import validate_weights
+from moalign.policy import ModelPolicy
+from moalign.scores import NormStats, ScoreCache, cache_dir, score
+
+log = logging.getLogger("moalign")
+
+MAPPINGS = ("linf", "l2", "linear", "quantile")
+QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)
+
+
+# --- the reward-in-context prompt: one function for training and inference alike ---------------------
+
+
+@dataclass
+class RewardTemplate:
+    """How desired rewards are written into a prompt: `<tag> 1.3 <tag2> -0.4` before the assistant turn."""
+
+    tags: list[str]
+    number_format: str = "{:.1f}"
+    assistant: str = data.ASSISTANT
+
+    def render(self, value: float) -> str:
+        text = self.number_format.format(value)
+        return "0.0" if text in {"-0.0", "-0"} else text  # "-0.0" and "0.0" must be one prompt
+
+
+def format_prompt(prompt: str, rewards: np.ndarray | list[float], template: RewardTemplate) -> str:
+    """`"...Human: q\\n\\nAssistant:"` → `"...Human: q <r1> 1.3 <r2> -0.4 \\n\\nAssistant:"`.
+
+    The suffix is removed with `removesuffix` (never `rstrip`, which eats characters, not a suffix).
+    """
+    if len(rewards) != len(template.tags):
+        raise MoalignError(f"{len(rewards)} rewards for {len(template.tags)} reward tags")
+    body = prompt.removesuffix(template.assistant)
+    tags = " ".join(f"{tag} {template.render(float(value))}" for tag, value in zip(template.tags, rewards))
+    suffix = template.assistant if body != prompt else ""
+    return f"{body} {tags} {suffix}" if suffix else f"{body} {tags}"
+
+
+def parse_prompt(text: str, template: RewardTemplate) -> tuple[str, list[float]]:
+    """The inverse of `format_prompt` (rewards as rounded in the text)."""
+    had_assistant = text.endswith(" " + template.assistant)
+    body = text.removesuffix(" " + template.assistant) if had_assistant else text
+    values: list[float] = []
+    for tag in reversed(template.tags):
+        head, sep, number = body.rpartition(f" {tag} ")
+        if not sep:
+            raise MoalignError(f"prompt has no reward tag {tag!r}")
+        values.append(float(number))
+        body = head
+    return body + (template.assistant if had_assistant else ""), values[::-1]
+
+
+# --- preference → desired rewards ---------------------------------------------------------------------
+
+
+def preference_to_targets(
+    weights: np.ndarray | list[float],
+    low: np.ndarray | list[float],
+    high: np.ndarray | list[float],
+    method: str = "linf",
+    quantiles: np.ndarray | None = None,
+) -> np.ndarray:
+    """The desired normalised reward per objective for a preference (before rounding).
+
+    linf (the paper's rule): high_i if w_i ≥ 1/N, else low_i + N·w_i·(high_i − low_i)
+    l2 (the reference evaluation script): low + w_i/‖w‖₂·(high − low)
+    linear: low + w_i·(high − low)
+    quantile: the linf level N·w_i (capped at 1) read through the empirical quantile function of the
+    training scores; `quantiles` is a (levels × N) table at QUANTILE_LEVELS.
+    """
+    low_a, high_a = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    w = validate_weights(weights, low_a.size)
+    n = w.size
+    level = np.where(w >= 1.0 / n - 1e-9, 1.0, n * w)
+    if method == "linf":
+        return low_a + level * (high_a - low_a)
+    if method == "l2":
+        return low_a + w / np.linalg.norm(w) * (high_a - low_a)
+    if method == "linear":
+        return low_a + w * (high_a - low_a)
+    if method == "quantile":
+        if quantiles is None:
+            raise MoalignError("the quantile mapping needs the training scores' quantile table")
+        table = np.asarray(quantiles, dtype=float)
+        return np.array([np.interp(level[i], QUANTILE_LEVELS, table[:, i]) for i in range(n)])
+    raise MoalignError(f"unknown preference mapping {method!r}; choose one of {', '.join(MAPPINGS)}")
+
+
+# --- multi-objective rejection sampling -----------------------------------------------------------------
+
+
+def sample_targets(n: int, low: np.ndarray, high: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """MORS targets: draw every objective uniformly in [low, high], then raise all but the lowest to high.
+
+    "Lowest" compares positions within each objective's range, so this is the image of the linf mapping.
+    """
+    low_a, high_a = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    position = rng.uniform(size=(n, low_a.size))
+    keep = position.argmin(axis=1)
+    level = np.ones_like(position)
+    level[np.arange(n), keep] = position[np.arange(n), keep]
+    return low_a + level * (high_a - low_a)
+
+
+def mors_filter(scores: np.ndarray, q: float = 0.7) -> np.ndarray:
+    """Keep a sample if any objective is at or above that objective's q-quantile within the batch."""
+    matrix = np.asarray(scores, dtype=float)
+    if not 0.0 <= q <= 1.0:
+        raise MoalignError(f"the MORS quantile must be in [0, 1], got {q}")
+    if len(matrix) == 0:
+        return np.zeros(0, dtype=bool)
+    return (matrix >= np.quantile(matrix, q, axis=0)).any(axis=1)
+
+
+# --- the recipe -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RiCConfig(CommonArguments, SFTConfig):
+    """TRL's SFTConfig plus RiC's options (the paper's values are the defaults where it gives them)."""
+
+    reward_tags: list[str] | None = field(default=None, metadata={"help": "tags per objective; default <name>"})
+    number_format: str = field(default="{:.1f}", metadata={"help": "how a reward is written (paper: 1 decimal)"})
+    preference_mapping: str = field(default="linf", metadata={"help": "linf (paper), l2, linear or quantile"})
+    online_iterations: int = field(default=2, metadata={"help": "MORS iterations K (paper: 2)"})
+    online_prompts: int = field(default=1000, metadata={"help": "prompts generated for per online iteration"})
+    online_quantile: float = field(default=0.7, metadata={"help": "keep samples with any objective ≥ this quantile"})
+    offline_mix_ratio: float = field(default=1.0, metadata={"help": "filtered offline samples per online sample"})
+    online_max_steps: int = field(default=-1, metadata={"help": "max steps of each online SFT (-1: epochs)"})
+    online_learning_rate: float | None = field(default=None, metadata={"help": "default: learning_rate"})
+    generation_batch_size: int = 64
+
+
+def _template(config: RiCConfig, names: list[str]) -> RewardTemplate:
+    tags = config.reward_tags or [f"<{name}>" for name in names]
+    if len(tags) != len(names):
+        raise MoalignError(f"reward_tags has {len(tags)} tags for {len(names)} objectives")
+    return RewardTemplate(tags=list(tags), number_format=config.number_format)
+
+
+def _validate(config: RiCConfig) -> None:
+    if len(config.objectives) < 2:
+        raise MoalignError("RiC needs at least two objectives (objectives: [spec, spec, ...])")
+    if config.preference_mapping not in MAPPINGS:
+        raise MoalignError(f"preference_mapping must be one of {', '.join(MAPPINGS)}")
+    if not 0.0 <= config.online_quantile <= 1.0:
+        raise MoalignError("online_quantile must be in [0, 1]")
+    if config.online_iterations < 0:
+        raise MoalignError("online_iterations must be ≥ 0")
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def _conditioned(frame: pd.DataFrame, names: list[str], template: RewardTemplate) -> datasets.Dataset:
+    """prompt/completion rows whose prompts carry the samples' normalised scores."""
+    z = frame[[f"z_{name}" for name in names]].to_numpy()
+    prompts = [format_prompt(p, row, template) for p, row in zip(frame["prompt"], z)]
+    return datasets.Dataset.from_dict({"prompt": prompts, "completion": [" " + r for r in frame["response"]]})
+
+
+class RiCRecipe:
+    """The stages of one RiC run, sharing the objectives, statistics and template."""
+
+    def __init__(self, config: RiCConfig):
+        _validate(config)
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.objectives = build_all(config.objectives)
+        self.names = [o.name for o in self.objectives]
+        self.template = _template(config, self.names)
+        self.cache = ScoreCache(config.score_cache or cache_dir() / "scores.sqlite")
+        self.stages: dict[str, Any] = {}
+
+    def prepare(self) -> pd.DataFrame:
+        path = self.run_dir / "data" / "offline.parquet"
+        if path.exists():
+            return pd.read_parquet(path)
+        dataset = data.load(self.config.dataset, self.config.dataset_split)
+        if self.config.max_samples:
+            dataset = dataset.select(range(min(self.config.max_samples, len(dataset))))
+        prompts, responses = data.to_samples(dataset)
+        raw = score(self.objectives, prompts, responses, cache=self.cache)
+        stats = NormStats.fit(raw, self.names)
+        z = stats.zscore(stats.matrix(raw))
+        frame = pd.DataFrame({"prompt": prompts, "response": responses})
+        for i, name in enumerate(self.names):
+            frame[name] = raw[name]
+            frame[f"z_{name}"] = z[:, i]
+        _write_parquet(frame, path)
+        return frame
+
+    def stats(self, offline: pd.DataFrame) -> NormStats:
+        return NormStats.fit(offline, self.names)
+
+    def offline_stage(self, offline: pd.DataFrame) -> Path:
+        final = self.run_dir / "stages" / "offline"
+        self.stages["offline"] = train_sft(
+            self.config.model_name_or_path,
+            _conditioned(offline, self.names, self.template),
+            self.config,
+            self.run_dir / "checkpoints" / "offline",
+            final,
+        )
+        return final
+
+    def online_stage(self, k: int, model_dir: Path, offline: pd.DataFrame, stats: NormStats) -> Path:
+        config = self.config
+        name = f"online_{k}"
+        generated_path = self.run_dir / "data" / f"{name}.parquet"
+        final = self.run_dir / "stages" / name
+        if (done := finished_stage(final)) is not None:
+            self.stages[name] = done
+            return final
+        z_offline = offline[[f"z_{n}" for n in self.names]].to_numpy()
+        low, high = z_offline.min(axis=0), z_offline.max(axis=0)
+        if not generated_path.exists():
+            generated = self.generate_online(k, model_dir, offline, stats, low, high)
+            _write_parquet(generated, generated_path)
+        # The buffer grows: every earlier iteration's kept samples stay in.
+        buffer = pd.concat([pd.read_parquet(self.run_dir / "data" / f"online_{j}.parquet") for j in range(1, k + 1)])
+        buffer = buffer[buffer["kept"]]
+        keep_offline = mors_filter(z_offline, config.online_quantile)
+        pool = offline[keep_offline]
+        n_mix = min(len(pool), int(round(config.offline_mix_ratio * len(buffer))))
+        mix = pool.sample(n=n_mix, random_state=config.seed + k) if n_mix else pool.iloc[:0]
+        columns = ["prompt", "response"] + [f"z_{n}" for n in self.names]
+        train = pd.concat([buffer[columns], mix[columns]])
+        if len(train) == 0:
+            raise MoalignError(f"online iteration {k} kept no samples; lower online_quantile or raise online_prompts")
+        overrides: dict[str, Any] = {"max_steps": config.online_max_steps}
+        if config.online_learning_rate is not None:
+            overrides["learning_rate"] = config.online_learning_rate
+        self.stages[name] = train_sft(
+            str(model_dir),
+            _conditioned(train.sample(frac=1.0, random_state=config.seed + k), self.names, self.template),
+            config,
+            self.run_dir / "checkpoints" / name,
+            final,
+            **overrides,
+        )
+        self.stages[name].update(kept=int(len(buffer)), offline_mixed=int(n_mix))
+        return final
+
+    def generate_online(
+        self, k: int, model_dir: Path, offline: pd.DataFrame, stats: NormStats, low: np.ndarray, high: np.ndarray
+    ) -> pd.DataFrame:
+        """Generate for sampled targets, drop degenerate responses, score, relabel (hindsight), filter."""
+        from moalign.evaluate import is_degenerate
+
+        config = self.config
+        rng = np.random.default_rng(config.seed + 1000 * k)
+        unique_prompts = offline["prompt"].unique()
+        prompts = list(rng.choice(unique_prompts, size=config.online_prompts, replace=True))
+        targets = sample_targets(len(prompts), low, high, rng)
+        model, tokenizer = load_model(str(model_dir))
+        start = time.perf_counter()
+        params = [
+            SamplingParams(
+                max_new_tokens=config.sample_max_new_tokens,
+                temperature=config.sample_temperature,
+                top_p=config.sample_top_p,
+                seed=config.seed + 100_000 * k + i,
+            )
+            for i in range(len(prompts))
+        ]
+        conditioned = [format_prompt(p, t, self.template) for p, t in zip(prompts, targets)]
+        completions = generate(model, tokenizer, conditioned, params, batch_size=config.generation_batch_size)
+        seconds = time.perf_counter() - start
+        del model
+        responses = [c.text.strip() for c in completions]
+        fine = [i for i, r in enumerate(responses) if not is_degenerate(r)]
+        frame = pd.DataFrame({"prompt": [prompts[i] for i in fine], "response": [responses[i] for i in fine]})
+        raw = score(self.objectives, frame["prompt"], frame["response"], cache=self.cache)
+        z = stats.zscore(stats.matrix(raw))  # hindsight relabelling with the offline statistics
+        for i, name in enumerate(self.names):
+            frame[name] = raw[name]
+            frame[f"z_{name}"] = z[:, i]
+        frame["kept"] = mors_filter(z, config.online_quantile)
+        log.info(
+            f"online {k}: generated {len(prompts)} in {seconds:.1f}s, {len(prompts) - len(fine)} degenerate, "
+            f"kept {int(frame['kept'].sum())}"
+        )
+        self.stages[f"generate_{k}"] = {
+            "seconds": seconds,
+            "tokens": int(sum(len(c.token_ids) for c in completions)),
+            "degenerate": len(prompts) - len(fine),
+        }
+        return frame
+
+    def run(self) -> Path:
+        start = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        offline = self.prepare()
+        stats = self.stats(offline)
+        model_dir = self.offline_stage(offline)
+        stage_models = {"offline": str(model_dir.relative_to(self.run_dir))}
+        for k in range(1, self.config.online_iterations + 1):
+            model_dir = self.online_stage(k, model_dir, offline, stats)
+            stage_models[f"online_{k}"] = str(model_dir.relative_to(self.run_dir))
+        z = offline[[f"z_{n}" for n in self.names]].to_numpy()
+        write_run_manifest(
+            self.config,
+            "ric",
+            model=str(model_dir.relative_to(self.run_dir)),
+            stage_models=stage_models,
+            stats=stats.to_dict(),
+            ric={
+                "template": asdict(self.template),
+                "mapping": self.config.preference_mapping,
+                "low": z.min(axis=0).tolist(),
+                "high": z.max(axis=0).tolist(),
+                "quantiles": np.quantile(z, QUANTILE_LEVELS, axis=0).tolist(),
+            },
+            training={
+                "seconds": time.perf_counter() - start,
+                "tokens": int(sum(s.get("tokens", 0) for s in self.stages.values())),
+                "stages": self.stages,
+            },
+        )
+        return self.run_dir
+
+
+def train(config: RiCConfig) -> Path:
+    return RiCRecipe(config).run()
+
+
+class RiCPolicy(ModelPolicy):
+    """The one RiC model, steered by writing the preference's desired rewards into each prompt."""
+
+    def __init__(self, manifest: dict[str, Any], run_dir: Path, device: str = "auto", mapping: str | None = None):
+        super().__init__(manifest, run_dir, device=device)
+        settings = manifest["ric"]
+        self.template = RewardTemplate(**settings["template"])
+        self.mapping = mapping or settings["mapping"]
+        self.low, self.high = np.asarray(settings["low"]), np.asarray(settings["high"])
+        self.quantiles = np.asarray(settings["quantiles"])
+
+    def prepare_prompt(self, prompt: str, weights: np.ndarray) -> str:
+        targets = preference_to_targets(weights, self.low, self.high, self.mapping, self.quantiles)
+        return format_prompt(prompt, targets, self.template)
+
+
+def cli(argv: list[str]) -> None:
+    config = parse_config(RiCConfig, argv)
+    print(f"RiC run written to {train(config)}")
