@@ -154,11 +154,14 @@ class RiCConfig(CommonArguments, SFTConfig):
     number_format: str = field(default="{:.1f}", metadata={"help": "how a reward is written (paper: 1 decimal)"})
     preference_mapping: str = field(default="linf", metadata={"help": "linf (paper), l2, linear or quantile"})
     online_iterations: int = field(default=2, metadata={"help": "MORS iterations K (paper: 2)"})
-    online_prompts: int = field(default=1000, metadata={"help": "prompts generated for per online iteration"})
+    online_prompts: int = field(default=20000, metadata={"help": "responses generated per online iteration"})
     online_quantile: float = field(default=0.7, metadata={"help": "keep samples with any objective ≥ this quantile"})
-    offline_mix_ratio: float = field(default=1.0, metadata={"help": "filtered offline samples per online sample"})
+    offline_mix_samples: int = field(
+        default=10000, metadata={"help": "filtered offline samples mixed in per iteration"}
+    )
     online_max_steps: int = field(default=-1, metadata={"help": "max steps of each online SFT (-1: epochs)"})
-    online_learning_rate: float | None = field(default=None, metadata={"help": "default: learning_rate"})
+    online_learning_rate: float = field(default=1e-5, metadata={"help": "learning rate of the online stages"})
+    online_lr_scheduler_type: str = field(default="constant", metadata={"help": "scheduler of the online stages"})
     generation_batch_size: int = 64
 
 
@@ -257,15 +260,17 @@ class RiCRecipe:
         buffer = buffer[buffer["kept"]]
         keep_offline = mors_filter(z_offline, config.online_quantile)
         pool = offline[keep_offline]
-        n_mix = min(len(pool), int(round(config.offline_mix_ratio * len(buffer))))
+        n_mix = min(len(pool), config.offline_mix_samples)
         mix = pool.sample(n=n_mix, random_state=config.seed + k) if n_mix else pool.iloc[:0]
         columns = ["prompt", "response"] + [f"z_{n}" for n in self.names]
         train = pd.concat([buffer[columns], mix[columns]])
         if len(train) == 0:
             raise MoalignError(f"online iteration {k} kept no samples; lower online_quantile or raise online_prompts")
-        overrides: dict[str, Any] = {"max_steps": config.online_max_steps}
-        if config.online_learning_rate is not None:
-            overrides["learning_rate"] = config.online_learning_rate
+        overrides: dict[str, Any] = {
+            "max_steps": config.online_max_steps,
+            "learning_rate": config.online_learning_rate,
+            "lr_scheduler_type": config.online_lr_scheduler_type,
+        }
         self.stages[name] = train_sft(
             str(model_dir),
             _conditioned(train.sample(frac=1.0, random_state=config.seed + k), self.names, self.template),
