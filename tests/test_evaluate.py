@@ -217,3 +217,27 @@ def test_cli_prints_table(tmp_path, canned, capsys):
     out = capsys.readouterr().out
     assert "hypervolume" in out and "canned" in out and str(run / "report.html") in out
     assert json.loads((run / "front.json").read_text())["reference_point"] == [-1.0, -20.0]
+
+
+def test_a_real_fixed_model_gives_identical_points_and_undefined_steerability(tmp_path, tiny_lm):
+    """The base model ignores the preference: same seeds give the same answers on every grid point."""
+    run = tmp_path / "base"
+    run.mkdir()
+    write_manifest(
+        run,
+        {
+            "method": "base",
+            "model": str(tiny_lm),
+            "objectives": ["length", "brevity"],
+            "objective_names": ["length", "brevity"],
+            "sampling": {"max_new_tokens": 6, "temperature": 1.0},
+        },
+    )
+    (front,) = evaluate_runs([run], prompts=["the cat", "a good day"], divisions=2, progress=False)
+    points = np.asarray(front["points"])
+    assert (points == points[0]).all()
+    assert front["non_dominated"] == [0, 1, 2]  # duplicates all stay on the front
+    assert front["hypervolume"] > 0  # the default reference sits below even a single point
+    assert front["generated_unit"] == "tokens" and front["generated"] > 0
+    saved = json.loads((run / "front.json").read_text())
+    assert saved["steerability"] == {"length": None, "brevity": None}  # NaN is written as null

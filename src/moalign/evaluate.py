@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from moalign.errors import MoalignError
 from moalign.generation import SamplingParams
@@ -114,7 +115,8 @@ def evaluate_policy(
 
     points, samples, collapse_rates = [], [], []
     tokens, unit, seconds = 0, "tokens", 0.0
-    for w in grid:
+    label = f"evaluating {getattr(policy, 'run_dir', Path('policy')).name}"
+    for w in tqdm(grid, desc=label, unit="preference", disable=not progress):
         start = time.perf_counter()
         responses = list(policy.generate(prompts, w, sampling))
         seconds += time.perf_counter() - start
@@ -122,7 +124,7 @@ def evaluate_policy(
             raise MoalignError(f"the policy returned {len(responses)} responses for {len(prompts)} prompts")
         count, unit = _count_tokens(policy, responses)
         tokens += count
-        scores = score(objectives, prompts, responses, cache, progress=progress)
+        scores = score(objectives, prompts, responses, cache, progress=False)
         points.append([float(np.mean(scores[name])) for name in names])
         degenerate = [is_degenerate(text) for text in responses]
         collapse_rates.append(float(np.mean(degenerate)))

@@ -1,0 +1,99 @@
+"""Batched generation: left padding, stop strings, length limits, seeds and batch independence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moalign.generation import SamplingParams, generate, load_model
+
+PROMPTS = ["the cat", "a good day is a sunny day with friends and", "cook the rice slowly", "travel"]
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
+
+
+@pytest.fixture
+def lm(tiny_lm: Path):
+    """The conftest's tiny GPT-2, loaded back from disk the way a run's model is."""
+    return load_model(str(tiny_lm), device="cpu")
+
+
+def sampled(seed: int, max_new_tokens: int = 12) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+
+
+def test_left_padding_matches_each_prompt_alone(lm):
+    model, tokenizer = lm
+    batch = generate(model, tokenizer, PROMPTS, GREEDY)
+    for prompt, completion in zip(PROMPTS, batch):
+        alone = generate(model, tokenizer, [prompt], GREEDY)[0]
+        assert completion.token_ids == alone.token_ids
+        assert completion.text == alone.text
+        assert completion.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+@torch.inference_mode()
+def test_temperature_zero_is_greedy(lm):
+    model, tokenizer = lm
+    prompt = PROMPTS[1]
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    expected = []
+    for _ in range(GREEDY.max_new_tokens):  # the plain loop: full forward, argmax, append
+        token = int(model(input_ids=ids).logits[0, -1].argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        expected.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert generate(model, tokenizer, [prompt], GREEDY)[0].token_ids == expected
+    reseeded = SamplingParams(max_new_tokens=12, temperature=0, seed=9)  # temperature 0 ignores the seed
+    assert generate(model, tokenizer, [prompt], reseeded)[0].token_ids == expected
+
+
+def test_stop_string_cuts_text_and_sets_finish_reason(lm):
+    model, tokenizer = lm
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    # an ASCII answer, so that no half-decoded byte can match the stop string early
+    prompt, full = next(
+        (p, c.text)
+        for p, c in zip(PROMPTS, generate(model, tokenizer, PROMPTS, params))
+        if c.text.isascii() and len(c.text) > 6
+    )
+    stop = full[-3:]
+    cut = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=20, temperature=0, stop=[stop]))[0]
+    assert cut.text == full[: full.find(stop)]
+    assert stop not in cut.text
+    assert cut.finish_reason == "stop"
+    assert len(cut.token_ids) == len(cut.logprobs) <= len(tokenizer(full, add_special_tokens=False)["input_ids"])
+
+
+def test_max_new_tokens_is_respected_per_row(lm):
+    model, tokenizer = lm
+    limits = [1, 3, 7, 5]
+    rows = [SamplingParams(max_new_tokens=n, temperature=0) for n in limits]
+    for completion, limit in zip(generate(model, tokenizer, PROMPTS, rows), limits):
+        assert len(completion.token_ids) <= limit
+        assert len(completion.logprobs) == len(completion.token_ids)
+        if completion.finish_reason == "length":
+            assert len(completion.token_ids) == limit
+
+
+def test_same_seed_same_output(lm):
+    model, tokenizer = lm
+    rows = [sampled(seed) for seed in range(len(PROMPTS))]
+    first = [c.token_ids for c in generate(model, tokenizer, PROMPTS, rows)]
+    second = [c.token_ids for c in generate(model, tokenizer, PROMPTS, rows)]
+    assert first == second
+    other = [c.token_ids for c in generate(model, tokenizer, PROMPTS, [sampled(100 + s) for s in range(4)])]
+    assert other != first  # the seed does steer sampling
+
+
+def test_row_output_does_not_depend_on_its_batch(lm):
+    model, tokenizer = lm
+    alone = generate(model, tokenizer, [PROMPTS[1]], [sampled(7)])[0]
+    neighbours = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[1]]
+    rows = [sampled(1, 4), sampled(7), sampled(2, 20), sampled(3), sampled(8)]
+    batch = generate(model, tokenizer, neighbours, rows, batch_size=4)
+    assert batch[1].token_ids == alone.token_ids and batch[1].text == alone.text
+    # across batch boundaries too: row 4 (in the second batch of size 4) equals its solo run
+    assert batch[4].token_ids == generate(model, tokenizer, [PROMPTS[1]], [sampled(8)])[0].token_ids
