@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from moalign.errors import MoalignError
@@ -152,7 +155,10 @@ def render_chat(messages: Sequence[ChatMessage | dict[str, Any]], tokenizer: Any
         {"role": m.role if isinstance(m, ChatMessage) else m["role"], "content": message_text(m)} for m in messages
     ]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+        except Exception as error:  # templates raise their own errors, e.g. on roles out of order
+            raise ApiError(400, f"the model's chat template refused these messages: {error}", "messages") from None
     parts = []
     for message in plain:
         role, text = message["role"], message["content"].strip()
@@ -464,7 +470,8 @@ class Server:
             return len(prompt.encode())
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    def check_prompt(self, prompt: str, max_tokens: int, param: str) -> None:
+    def check_prompt(self, prompt: str, max_tokens: int, param: str, weights: np.ndarray) -> None:
+        """The user's prompt against --max-prompt-tokens; the prompt as the model sees it against its context."""
         if not prompt:
             raise ApiError(400, f"{param} is empty; give some text to continue", param)
         if len(prompt) > 8 * self.config.max_prompt_tokens + 64:  # far too long to be worth tokenizing
@@ -477,10 +484,15 @@ class Server:
                 f"{self.config.max_prompt_tokens} (--max-prompt-tokens)",
                 param,
             )
-        if self.context is not None and tokens + max_tokens > self.context:
+        if self.context is None:
+            return
+        prepare = getattr(self.policy, "prepare_prompt", None)  # RiC writes the preference into the prompt
+        if prepare is not None:
+            tokens = self.count_tokens(prepare(prompt, weights))
+        if tokens + max_tokens > self.context:
             raise ApiError(
                 400,
-                f"{param} ({tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
+                f"{param} ({tokens} tokens as the model sees it) plus max_tokens ({max_tokens}) exceeds the model's context "
                 f"of {self.context} tokens",
                 param,
             )
@@ -488,7 +500,7 @@ class Server:
     # --- generation
 
     async def generate(
-        self, request: Any, prompts: list[str], weights: np.ndarray, params: list[SamplingParams]
+        self, request: Request, prompts: list[str], weights: np.ndarray, params: list[SamplingParams]
     ) -> list[Completion]:
         """Queue the rows for the batch worker; a client that leaves while waiting is dropped."""
         assert self.batcher is not None, "the server was not started"
@@ -516,7 +528,7 @@ class Server:
         """Every prompt n times; choice i samples with seed + i (a request without seed gets a random one)."""
         if len(prompts) * n > MAX_ROWS_PER_REQUEST:
             raise ApiError(400, f"prompts × n is {len(prompts) * n}; at most {MAX_ROWS_PER_REQUEST} per request", "n")
-        seed = secrets.randbelow(MAX_SEED) if seed is None else seed
+        seed = secrets.randbelow(2**31) if seed is None else seed  # small: JSON readers lose bits above 2**53
         row_prompts, row_params = [], []
         for index in range(len(prompts) * n):
             row_prompts.append(prompts[index // n])
@@ -560,16 +572,16 @@ class Server:
             "text_offset": offsets,
         }
 
-    async def completions(self, request: Any, body: CompletionRequest) -> Any:
+    async def completions(self, request: Request, body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         self.check_model(body.model)
         self.refuse_unsupported(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             raise ApiError(400, "prompt is an empty list", "prompt")
         max_tokens = self.max_tokens(body.max_tokens)
-        for i, prompt in enumerate(prompts):
-            self.check_prompt(prompt, max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
         weights = self.preference(body.preference)
+        for i, prompt in enumerate(prompts):
+            self.check_prompt(prompt, max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]", weights)
         base = SamplingParams(max_tokens, body.temperature, body.top_p, self.stops(body.stop), 0, body.logprobs or 0)
         row_prompts, row_params, seed = self.rows(prompts, body.n, base, body.seed)
         outputs = await self.generate(request, row_prompts, weights, row_params)
@@ -625,7 +637,7 @@ class Server:
             content.append(item)
         return {"content": content, "refusal": None}
 
-    async def chat(self, request: Any, body: ChatRequest) -> Any:
+    async def chat(self, request: Request, body: ChatRequest) -> dict[str, Any] | StreamingResponse:
         self.check_model(body.model)
         self.refuse_unsupported(body)
         if body.top_logprobs and not body.logprobs:
@@ -636,8 +648,8 @@ class Server:
         max_tokens = self.max_tokens(body.max_completion_tokens or body.max_tokens, limit_name)
         templated = self.tokenizer is not None and bool(getattr(self.tokenizer, "chat_template", None))
         prompt = render_chat(body.messages, self.tokenizer)
-        self.check_prompt(prompt, max_tokens, "messages")
         weights = self.preference(body.preference)
+        self.check_prompt(prompt, max_tokens, "messages", weights)
         stops = self.stops(body.stop)
         if not templated:  # an HH-format model would go on to write the user's next turn
             stops.append(HH_HUMAN)
@@ -701,7 +713,7 @@ class Server:
         return {"object": "list", "data": [{**card, "moalign": info}]}
 
 
-async def wait_for_disconnect(request: Any) -> None:
+async def wait_for_disconnect(request: Request) -> None:
     """Returns when the client closes its connection (the request body has been read by then)."""
     while True:
         message = await request.receive()
@@ -709,9 +721,8 @@ async def wait_for_disconnect(request: Any) -> None:
             return
 
 
-def sse(events: list[dict[str, Any]]) -> Any:
+def sse(events: list[dict[str, Any]]) -> StreamingResponse:
     """Server-sent events in OpenAI's format; Starlette stops sending when the client disconnects."""
-    from fastapi.responses import StreamingResponse
 
     async def stream() -> AsyncIterator[str]:
         for event in events:
@@ -790,12 +801,8 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> str:
     return "; ".join(parts[:5])
 
 
-def create_app(policy: Any, config: ServeConfig | None = None) -> Any:
+def create_app(policy: Any, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI app for one policy; `app.state.server` exposes the batcher's stats to tests."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-
     config = config or ServeConfig()
     server = Server(policy, config)
 

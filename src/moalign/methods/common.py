@@ -53,21 +53,53 @@ class CommonArguments:
         super().__post_init__()
 
 
-def parse_config(config_class: type, argv: list[str]):
-    """Parse `--config FILE.yaml` plus flags into one method config (flags win over the file)."""
+def config_section(path: str, section: str | None) -> dict[str, Any]:
+    """A YAML config's mapping for one step: its `section:` mapping if it has one, else the whole file.
+
+    One recipe file can then hold several steps side by side (MORLAIF's `feedback:`, `pm:`, `morl:`).
+    """
+    import yaml
+
+    if not os.path.exists(path):
+        raise MoalignError(f"config file {path} does not exist")
+    with open(path) as handle:
+        content = yaml.safe_load(handle) or {}
+    if not isinstance(content, dict):
+        raise MoalignError(f"config file {path} must hold a YAML mapping")
+    if section and isinstance(content.get(section), dict):
+        return dict(content[section])
+    return content
+
+
+def parse_config(config_class: type, argv: list[str], section: str | None = None):
+    """Parse `--config FILE.yaml` plus flags into one method config (flags win over the file).
+
+    With `section`, a file that has a mapping under that key contributes only that mapping.
+    """
+    import tempfile
+
+    import yaml
     from trl import TrlParser
 
+    argv = list(argv)
+    tmp = None
     if "--config" in argv:
         index = argv.index("--config")
-        if index + 1 >= len(argv) or not os.path.exists(argv[index + 1]):
-            raise MoalignError(
-                f"config file {argv[index + 1] if index + 1 < len(argv) else '(missing)'} does not exist"
-            )
+        if index + 1 >= len(argv):
+            raise MoalignError("--config needs a YAML file")
+        values = config_section(argv[index + 1], section)
+        fd, tmp = tempfile.mkstemp(suffix=".yaml", prefix="moalign-config-")
+        with os.fdopen(fd, "w") as handle:
+            yaml.safe_dump(values, handle)
+        argv[index + 1] = tmp
     parser = TrlParser((config_class,))
     try:
         (config,) = parser.parse_args_and_config(argv)
     except ValueError as error:
         raise MoalignError(str(error).strip().splitlines()[0]) from None
+    finally:
+        if tmp:
+            os.unlink(tmp)
     if not config.model_name_or_path:
         raise MoalignError("model_name_or_path is not set (YAML key or --model_name_or_path)")
     if not config.dataset:
