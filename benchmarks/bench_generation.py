@@ -12,48 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moalign.generation import SamplingParams, generate, load_model
 
 BATCH = 64
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "good",
-    "day",
-    "sunny",
-    "friends",
-    "cook",
-    "rice",
-    "slowly",
-    "travel",
-    "light",
-    "keep",
-    "passport",
-    "safe",
-]
 
 
 def tiny_gpt2(directory: Path) -> Path:
-    """A small GPT-2 (n_embd 128, 4 layers) with a byte-level BPE tokenizer, saved like a real model."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    """A small GPT-2 (n_embd 128, 4 layers), used only where the demo task is not importable."""
+    from moalign.testing import build_causal_lm
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([" ".join(WORDS)] * 4, vocab_size=400, special_tokens=["<|endoftext|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=512, n_embd=128, n_layer=4, n_head=4, eos_token_id=0, bos_token_id=0
-    )
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    return directory
+    return build_causal_lm(directory, n_embd=128, n_layer=4, n_head=4, n_positions=512)
 
 
 def model_and_prompts(workdir: Path) -> tuple[Path, list[str], str]:

@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import build_tokenizer
 
 from moalign import cli
 from moalign.errors import MoalignError
 from moalign.methods import feedback as fb
 from moalign.run import write_manifest
+from moalign.testing import build_causal_lm
 
 KEY = "sk-test-secret-4242"
 PROMPTS = [
@@ -35,35 +35,21 @@ PAIRS = [
 ]
 
 
-def build_letter_lm(directory: Path) -> Path:
-    """A tiny GPT-2 (1024 positions, room for judge prompts) whose next token is nearly always A or B.
+def favour_letters(model, tokenizer) -> None:
+    """Make the next token nearly always A or B (a `customize` hook for moalign.testing).
 
     LayerNorm output has zero mean, so rows of ones plus noise in the tied embedding give A and B a
     large constant logit (from ln_f's bias) plus a small part that depends on the prompt.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    model.transformer.ln_f.bias.fill_(0.5)
+    for letter in "AB":
+        (token,) = tokenizer.encode(letter, add_special_tokens=False)
+        model.transformer.wte.weight[token] = 0.5 + 0.3 * torch.randn(model.config.n_embd)
 
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(directory)
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=1024,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = GPT2LMHeadModel(config)
-    with torch.no_grad():
-        model.transformer.ln_f.bias.fill_(0.5)
-        for letter in "AB":
-            (token,) = tokenizer.encode(letter, add_special_tokens=False)
-            model.transformer.wte.weight[token] = 0.5 + 0.3 * torch.randn(32)
-    model.save_pretrained(directory)
-    return directory
+
+def build_letter_lm(directory: Path) -> Path:
+    """A tiny GPT-2 with room for judge prompts (1024 positions) that answers A or B."""
+    return build_causal_lm(directory, customize=favour_letters, n_positions=1024)
 
 
 @pytest.fixture(scope="module")

@@ -24,59 +24,29 @@ import torch  # noqa: E402
 
 from moalign.run import write_manifest  # noqa: E402
 from moalign.serve import ServeConfig, create_app, render_chat, token_pieces  # noqa: E402
+from moalign.testing import build_causal_lm, build_tokenizer  # noqa: E402
 
 KEY = "test-key-123"
-CORPUS = [
-    "the cat sat on the mat and was happy yes",
-    "a good day is a sunny day with friends no",
-    "yes yes yes the answer is yes",
-    "no no no the answer is no",
-    "cook the rice slowly and add some salt",
-    "Human: what should I do?  Assistant: rest and drink water",
-]
 
 
-def build_tokenizer(directory: Path):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
+def favouring(token: str):
+    """A `customize` hook: the model's final layer makes `token` (almost) certain."""
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS * 3, vocab_size=300, special_tokens=["<|endoftext|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-    tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+    def edit(model, tokenizer) -> None:
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, f"{token!r} must be one token, got {ids}"
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))
+        # constant hidden state · one-hot head: logit 32 for the token, 0 elsewhere
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight[ids[0]] = 1.0
+
+    return edit
 
 
-def build_lm(directory: Path, seed: int = 0, favour: str | None = None) -> Path:
-    """A tiny GPT-2; with `favour`, its final layer makes that one token (almost) certain."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(directory)
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=128,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=favour is None,
-    )
-    model = GPT2LMHeadModel(config)
-    if favour is not None:
-        ids = tokenizer(favour, add_special_tokens=False)["input_ids"]
-        assert len(ids) == 1, f"{favour!r} must be one token, got {ids}"
-        with torch.no_grad():  # constant hidden state · one-hot head: logit 32 for the token, 0 elsewhere
-            model.transformer.ln_f.weight.zero_()
-            model.transformer.ln_f.bias.fill_(1.0)
-            model.lm_head.weight.zero_()
-            model.lm_head.weight[ids[0]] = 1.0
-    model.save_pretrained(directory)
-    return directory
+def build_lm(directory: Path, favour: str | None = None) -> Path:
+    return build_causal_lm(directory, customize=favouring(favour) if favour else None, n_positions=128)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,449 @@
+"""PPO with a value head and GAE, the RL algorithm of the MORLHF and MORLAIF papers.
+
+TRL 1.x no longer ships PPO, so it is written out here in one loop (nanoGPT-style), step by step:
+
+    rollout     sample a response per prompt from π (moalign.generation.generate), score it: one scalar s
+    shaping     per-token reward r_t = −β·(log π(y_t) − log π_ref(y_t)), plus s on the last token
+    advantage   GAE:  δ_t = r_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1};  returns R_t = A_t + V_t
+    update      `ppo_epochs` passes over the rollout of the clipped losses
+                  L_pg = E max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)),  ρ = π(y_t) / π_old(y_t)
+                  L_v  = ½·E max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)
+                  L    = L_pg + c_v·L_v
+
+The value head is one linear layer on the policy's last hidden state (a shared trunk, like TRL's old
+AutoModelForCausalLMWithValueHead). With LoRA the reference policy is the same network with its adapter
+switched off, so a 7B model is held in memory once. The policy stays in eval mode throughout: dropout
+would make π and π_old differ on identical inputs and bias the ratio ρ.
+
+A rollout holds `per_device_train_batch_size × gradient_accumulation_steps` prompts; each PPO epoch over it
+takes `num_mini_batches` optimiser steps (micro-batches of `per_device_train_batch_size` accumulate). Every
+`save_steps` rollouts the policy, value head and optimiser are saved; rerunning resumes from the newest.
+The learning rate is constant (no scheduler) and the loop runs in one process on one device.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moalign.errors import MoalignError
+from moalign.generation import SamplingParams, generate, pick_device, prepare_tokenizer
+from moalign.methods.common import lora_config, save_final
+
+log = logging.getLogger("moalign")
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+STATE_FILE = "ppo_state.pt"
+
+
+@dataclass
+class PPOArguments:
+    """PPO's own fields; the KL coefficient (`beta`), policy clip (`epsilon`) and sampling settings
+    (`temperature`, `top_p`, `max_completion_length`) are the GRPO config's, shared by every algorithm."""
+
+    ppo_epochs: int = field(default=4, metadata={"help": "PPO: optimisation epochs over each rollout batch"})
+    vf_coef: float = field(default=0.1, metadata={"help": "PPO: weight of the value loss"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "PPO: clip range of the value update"})
+    gamma: float = field(default=1.0, metadata={"help": "PPO: discount factor of GAE"})
+    lam: float = field(default=0.95, metadata={"help": "PPO: λ of GAE"})
+    num_mini_batches: int = field(default=1, metadata={"help": "PPO: optimiser steps per epoch over a rollout"})
+
+
+class ValueHead(nn.Module):
+    """V(s_t) from the hidden state that predicts token t; zero-initialised so early values do not bias GAE."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses. Sequences are [left-padded prompt | right-padded response]; every
+    per-token tensor is (B, L) over the response columns, with `mask` marking real response tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_width: int
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor  # per sequence: Σ_t log π(y_t) − log π_ref(y_t)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over the real tokens: advantages then have one scale whatever the reward."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (B, L) tensors that are zero past each response's end."""
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    length = rewards.size(1)
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def logprobs_and_values(
+    model,
+    head: ValueHead | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_width: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y_t | x, y_<t) of each response token and V at the state before it, both (B, L)."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        output_hidden_states=head is not None,
+        use_cache=False,
+    )
+    logits = out.logits[:, prompt_width - 1 : -1].float() / temperature
+    tokens = input_ids[:, prompt_width:]
+    logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    values = head(out.hidden_states[-1][:, prompt_width - 1 : -1]) if head is not None else None
+    return logprobs, values
+
+
+def pad_sequences(
+    queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """[left-padded prompt | right-padded response] ids, attention mask, response mask, prompt width."""
+    width, length = max(map(len, queries)), max(map(len, responses))
+    ids = torch.full((len(queries), width + length), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, (query, response) in enumerate(zip(queries, responses)):
+        ids[row, width - len(query) : width] = torch.tensor(query)
+        ids[row, width : width + len(response)] = torch.tensor(response, dtype=torch.long)
+        attention[row, width - len(query) : width + len(response)] = 1
+    return ids.to(device), attention.to(device), attention[:, width:].float().to(device), width
+
+
+class PPO:
+    """Policy, frozen reference, value head and optimiser, and the two halves of a step."""
+
+    def __init__(self, config, model_path: str, tokenizer, device: str, resume: Path | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.config, self.tokenizer, self.device = config, tokenizer, device
+        self.dtype = torch.bfloat16 if device.startswith("cuda") and config.bf16 else torch.float32
+        self.peft = bool(config.use_peft)
+
+        def load(path: str | Path):
+            try:
+                return AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype)
+            except OSError as error:
+                raise MoalignError(f"cannot load model {path} ({str(error).strip().splitlines()[0]})") from None
+
+        if self.peft:
+            from peft import PeftModel, get_peft_model
+
+            base = load(model_path)
+            if resume is not None:
+                self.policy = PeftModel.from_pretrained(base, str(resume), is_trainable=True)
+            else:
+                self.policy = get_peft_model(base, lora_config(config))
+            self.reference = None  # the policy with its adapter disabled
+        else:
+            self.policy = load(resume or model_path)
+            self.reference = load(model_path) if resume is not None else copy.deepcopy(self.policy)
+            self.reference.requires_grad_(False).to(device).eval()
+        self.policy.to(device).eval()
+        self.head = ValueHead(self.policy.get_input_embeddings().embedding_dim).to(device)
+        self.parameters = [p for p in self.policy.parameters() if p.requires_grad] + list(self.head.parameters())
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay, eps=config.adam_epsilon
+        )
+
+    def reference_logprobs(self, input_ids, attention_mask, width) -> torch.Tensor:
+        temperature = self.config.temperature
+        if self.reference is not None:
+            return logprobs_and_values(self.reference, None, input_ids, attention_mask, width, temperature)[0]
+        with self.policy.disable_adapter():
+            return logprobs_and_values(self.policy, None, input_ids, attention_mask, width, temperature)[0]
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], reward_fn: RewardFn, seed: int) -> Rollout:
+        """Sample, score, and turn the scores into per-token advantages and value targets."""
+        config = self.config
+        params = [
+            SamplingParams(
+                max_new_tokens=config.max_completion_length,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                seed=seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+        completions = generate(self.policy, self.tokenizer, prompts, params, batch_size=len(prompts))
+        scores = torch.tensor([float(s) for s in reward_fn(prompts, [c.text for c in completions])], device=self.device)
+        eos = self.tokenizer.eos_token_id
+        # Ending is an action too: the EOS the sampler stopped at is part of the response it learns from.
+        responses = [c.token_ids + ([eos] if c.finish_reason == "stop" else []) for c in completions]
+        queries = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids, attention, mask, width = pad_sequences(queries, responses, self.tokenizer.pad_token_id, self.device)
+
+        logprobs, values, ref_logprobs = [], [], []
+        micro = self.config.per_device_train_batch_size
+        for start in range(0, len(prompts), micro):
+            rows = slice(start, start + micro)
+            lp, v = logprobs_and_values(self.policy, self.head, ids[rows], attention[rows], width, config.temperature)
+            logprobs.append(lp)
+            values.append(v)
+            ref_logprobs.append(self.reference_logprobs(ids[rows], attention[rows], width))
+        logprobs, values, ref_logprobs = (torch.cat(x) * mask for x in (logprobs, values, ref_logprobs))
+
+        per_token_kl = (logprobs - ref_logprobs) * mask
+        rewards = -config.beta * per_token_kl
+        last = mask.sum(1).long() - 1
+        rewards[torch.arange(len(prompts), device=self.device), last] += scores
+        advantages, returns = gae(rewards, values, config.gamma, config.lam)
+        return Rollout(
+            input_ids=ids,
+            attention_mask=attention,
+            prompt_width=width,
+            mask=mask,
+            logprobs=logprobs,
+            values=values,
+            advantages=masked_whiten(advantages, mask),
+            returns=returns,
+            scores=scores,
+            kl=per_token_kl.sum(1),
+        )
+
+    def update(self, batch: Rollout, seed: int) -> dict[str, float]:
+        """`ppo_epochs` passes of the clipped policy and value losses over one rollout, each pass split
+        into `num_mini_batches` optimiser steps (micro-batches of `per_device_train_batch_size` add up)."""
+        config = self.config
+        size, micro = batch.input_ids.size(0), config.per_device_train_batch_size
+        mini = size // config.num_mini_batches
+        generator = torch.Generator().manual_seed(seed)
+        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(size, generator=generator).to(self.device)
+            for mini_start in range(0, size, mini):
+                self.optimizer.zero_grad(set_to_none=True)
+                for start in range(mini_start, mini_start + mini, micro):
+                    rows = order[start : min(start + micro, mini_start + mini)]
+                    losses = self.loss(batch, rows)
+                    share = len(rows) / mini
+                    ((losses["policy_loss"] + config.vf_coef * losses["value_loss"]) * share).backward()
+                    for name, value in losses.items():
+                        totals[name] += value.item() * len(rows) / size / config.ppo_epochs
+                torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
+                self.optimizer.step()
+        return totals
+
+    def loss(self, batch: Rollout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The clipped surrogate and clipped value losses on some rows of a rollout."""
+        config = self.config
+        logprobs, values = logprobs_and_values(
+            self.policy,
+            self.head,
+            batch.input_ids[rows],
+            batch.attention_mask[rows],
+            batch.prompt_width,
+            config.temperature,
+        )
+        mask, advantages, returns, old_values = (
+            batch.mask[rows],
+            batch.advantages[rows],
+            batch.returns[rows],
+            batch.values[rows],
+        )
+        ratio = torch.exp(logprobs - batch.logprobs[rows])
+        clipped_ratio = ratio.clamp(1.0 - config.epsilon, 1.0 + config.epsilon)
+        clipped_values = old_values + (values - old_values).clamp(-config.cliprange_value, config.cliprange_value)
+        return {
+            "policy_loss": masked_mean(torch.max(-advantages * ratio, -advantages * clipped_ratio), mask),
+            "value_loss": 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2), mask),
+            "clip_fraction": masked_mean(((ratio - 1.0).abs() > config.epsilon).float(), mask).detach(),
+        }
+
+    def save_checkpoint(self, stage_dir: Path, step: int, history: list[dict]) -> None:
+        """Write `checkpoint-STEP` under a temporary name, then rename; older checkpoints are removed."""
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        final = stage_dir / f"checkpoint-{step}"
+        tmp = stage_dir / f".checkpoint-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.policy.save_pretrained(tmp)
+        state = {
+            "step": step,
+            "value_head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": history,
+        }
+        torch.save(state, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in stage_dir.glob("checkpoint-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_state(self, checkpoint: Path) -> tuple[int, list[dict]]:
+        state = torch.load(checkpoint / STATE_FILE, map_location=self.device, weights_only=False)
+        self.head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"]), list(state["history"])
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step (a half-written one has no state file yet)."""
+    found = [p for p in stage_dir.glob("checkpoint-*") if (p / STATE_FILE).exists()] if stage_dir.is_dir() else []
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def prompt_batch(prompts: list[str], step: int, size: int, seed: int) -> list[str]:
+    """The prompts of rollout `step`: a fresh seeded shuffle each epoch, so a resumed run sees the same ones."""
+    n = len(prompts)
+    orders: dict[int, list[int]] = {}
+    picked = []
+    for position in range(step * size, (step + 1) * size):
+        epoch, offset = divmod(position, n)
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        picked.append(prompts[orders[epoch][offset]])
+    return picked
+
+
+def total_steps(config, n_prompts: int) -> int:
+    rollout = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    if config.max_steps and config.max_steps > 0:
+        return int(config.max_steps)
+    return max(1, math.ceil(config.num_train_epochs * n_prompts / rollout))
+
+
+def every(value: float, steps: int) -> int:
+    """A Trainer-style interval: a count of steps, or below 1 a fraction of all steps."""
+    return max(1, int(value) if value >= 1 else math.ceil(value * steps))
+
+
+def check_config(config) -> None:
+    """PPO settings a user can get wrong, reported before any model loads."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MoalignError("moalign's PPO runs in one process on one device: launch it without several processes")
+    if config.temperature <= 0:
+        raise MoalignError("ppo samples from the policy: temperature must be > 0")
+    if config.ppo_epochs < 1:
+        raise MoalignError(f"ppo_epochs must be ≥ 1, got {config.ppo_epochs}")
+    if config.max_completion_length is None or config.max_completion_length < 1:
+        raise MoalignError("max_completion_length must be ≥ 1 for ppo")
+    rollout = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    if config.num_mini_batches < 1 or rollout % config.num_mini_batches:
+        raise MoalignError(
+            f"num_mini_batches ({config.num_mini_batches}) must divide the rollout of {rollout} prompts "
+            "(per_device_train_batch_size × gradient_accumulation_steps)"
+        )
+    if not 0 <= config.lam <= 1 or not 0 <= config.gamma <= 1:
+        raise MoalignError("gamma and lam must lie in [0, 1]")
+
+
+def train_ppo(
+    config,
+    model_path: str,
+    prompts: list[str],
+    reward_fn: RewardFn,
+    stage_dir: Path,
+    final_dir: Path,
+    keep_adapter: bool = False,
+) -> dict[str, Any]:
+    """Train `model_path` with PPO on `reward_fn(prompts, responses)` and save it to `final_dir`.
+
+    A stage whose `final_dir` has its marker is skipped (it finished before); an interrupted one resumes from
+    its newest checkpoint in `stage_dir`. With LoRA the adapter is merged unless `keep_adapter`.
+    Returns timing, token count and the mean score / KL of the first and last rollouts.
+    """
+    from moalign.methods.common import load_tokenizer
+
+    marker = final_dir / "moalign_stage.json"
+    if marker.exists():
+        log.info(f"stage {final_dir.name}: already trained, skipping")
+        return json.loads(marker.read_text())
+    check_config(config)
+    if not prompts:
+        raise MoalignError("no training prompts")
+    tokenizer = load_tokenizer(model_path)
+    prepare_tokenizer(tokenizer)
+    resume = latest_checkpoint(stage_dir)
+    torch.manual_seed(config.seed)
+    ppo = PPO(config, model_path, tokenizer, pick_device("auto"), resume)
+    start_step, history = ppo.load_state(resume) if resume else (0, [])
+    if resume:
+        log.info(f"stage {final_dir.name}: resuming PPO from {resume.name}")
+    steps = total_steps(config, len(prompts))
+    rollout_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    strategy = getattr(config.save_strategy, "value", config.save_strategy)
+    save_every = every(config.save_steps, steps) if strategy != "no" else 0
+    log_every = every(config.logging_steps, steps)
+    for step in range(start_step, steps):
+        started = time.perf_counter()
+        seed = config.seed + step * rollout_size
+        batch = ppo.rollout(prompt_batch(prompts, step, rollout_size, config.seed), reward_fn, seed)
+        losses = ppo.update(batch, seed)
+        record = {
+            "step": step + 1,
+            "score": batch.scores.mean().item(),
+            "kl": batch.kl.mean().item(),
+            "response_length": batch.mask.sum(1).mean().item(),
+            "tokens": int(batch.attention_mask.sum()),
+            **losses,
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(record)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            log.info(
+                f"ppo {final_dir.name} step {step + 1}/{steps}: score {record['score']:.3f} kl {record['kl']:.3f} "
+                f"policy loss {record['policy_loss']:.4f} value loss {record['value_loss']:.4f}"
+            )
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            ppo.save_checkpoint(stage_dir, step + 1, history)
+    model = ppo.policy
+    if ppo.peft and not keep_adapter:
+        model = model.merge_and_unload()
+    save_final(model, tokenizer, final_dir)
+    stats = {
+        "seconds": sum(r["seconds"] for r in history),  # every session's steps, resumed or not
+        "tokens": sum(r["tokens"] for r in history),
+        "steps": steps,
+        "resumed_from_step": start_step,
+        "score_first": history[0]["score"] if history else None,
+        "score_last": history[-1]["score"] if history else None,
+        "kl_last": history[-1]["kl"] if history else None,
+    }
+    marker.write_text(json.dumps(stats))
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    return stats

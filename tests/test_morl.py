@@ -1,0 +1,227 @@
+"""MORLHF / MORLAIF: per-sample scalarisation, one RL step per algorithm on a tiny model, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moalign.errors import MoalignError
+from moalign.methods.common import parse_config
+from moalign.methods.morl import MORLConfig, ScalarizedReward, expand_weights, preference_dirname, train
+from moalign.methods.ppo import gae, train_ppo
+from moalign.objectives import build_all
+from moalign.pareto import SCALARIZATIONS, scalarize
+from moalign.scores import NormStats
+from moalign.testing import CORPUS
+
+PROMPT = "\n\nHuman: {}?\n\nAssistant:"
+# Readability (Flesch) varies with every word, so sampled responses practically never tie and the
+# advantages of a one-step test are never all zero.
+OBJECTIVES = ["readability", "brevity"]
+
+CASES = [(method, {}) for method in SCALARIZATIONS] + [
+    ("bernoulli_nash", {"positive": "shift", "shift": 20.0}),
+    ("soft_max_min", {"temperature": 0.25}),
+    ("uncertainty_weighted", {"uncertainty_penalty": 3.0}),
+]
+
+
+@pytest.mark.parametrize(("method", "options"), CASES)
+def test_every_scalarisation_is_applied_per_sample(method, options):
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=(9, 4)) * 3.0 - 1.0  # mostly negative scores: Bernoulli–Nash must cope
+    weights = rng.dirichlet(np.ones(4))
+    batch = scalarize(rewards, weights, method, **options)
+    rows = np.array([scalarize(row[None, :], weights, method, **options)[0] for row in rewards])
+    np.testing.assert_allclose(batch, rows, rtol=1e-12, atol=1e-12)
+    assert batch.shape == (9,) and np.isfinite(batch).all()
+    if method == "bernoulli_nash":
+        assert (batch > 0).all()  # a geometric mean of positive utilities, even for negative scores
+
+
+def test_scalarisations_match_their_formulas_on_one_row():
+    r, w = np.array([[-2.0, 1.0, 4.0]]), np.array([0.2, 0.3, 0.5])
+    weighted = r[0] * w  # -0.4, 0.3, 2.0
+    assert scalarize(r, w, "linear")[0] == pytest.approx(weighted.sum())
+    assert scalarize(r, w, "worst_case")[0] == pytest.approx(-0.4)
+    assert scalarize(r, w, "median")[0] == pytest.approx(0.3)
+    assert scalarize(r, w, "lower_quantile")[0] == pytest.approx(-0.4)  # ⌊3/3⌋ = 1 smallest
+    assert scalarize(r, w, "uncertainty_weighted", uncertainty_penalty=2.0)[0] == pytest.approx(
+        weighted.mean() - 2.0 * weighted.var()
+    )
+    soft = np.exp(-weighted) / np.exp(-weighted).sum()
+    assert scalarize(r, w, "soft_max_min")[0] == pytest.approx((soft * weighted).sum())
+    nash = np.exp(np.log(np.logaddexp(0.0, weighted)).mean())
+    assert scalarize(r, w, "bernoulli_nash")[0] == pytest.approx(nash)
+    with pytest.raises(MoalignError, match="shift"):
+        scalarize(r, w, "bernoulli_nash", positive="shift", shift=0.1)
+
+
+def test_reward_function_scores_each_sample_on_its_own():
+    objectives = build_all(OBJECTIVES)
+    stats = NormStats(names=OBJECTIVES, mean=[60.0, -8.0], std=[20.0, 2.0], min=[0, -12], max=[100, -3])
+    reward = ScalarizedReward(objectives, np.array([0.3, 0.7]), "worst_case", {}, stats)
+    prompts = [PROMPT.format(t) for t in CORPUS[:4]]
+    responses = CORPUS[4:8]
+    logged: dict[str, float] = {}
+    batch = reward(prompts, responses, log_metric=logged.__setitem__)
+    rows = [reward([p], [r])[0] for p, r in zip(prompts, responses)]
+    np.testing.assert_allclose(batch, rows)
+    assert set(logged) == {"objectives/readability", "objectives/brevity"}
+    assert logged["objectives/brevity"] == pytest.approx(-np.mean([len(r.split()) for r in responses]))
+
+
+def test_weight_entries_expand_to_validated_vectors():
+    vectors = expand_weights(["grid:2", "onehot", "0.3,0.7", [0.3, 0.7], "uniform"], 2)
+    assert [v.tolist() for v in vectors] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0], [0.3, 0.7]]
+    assert preference_dirname(np.array([0.25, 0.75])) == "w_0.25_0.75"
+
+
+def write_samples(directory: Path) -> Path:
+    path = directory / "samples.jsonl"
+    with open(path, "w") as handle:
+        for text in CORPUS:
+            handle.write(json.dumps({"prompt": PROMPT.format(" ".join(text.split()[:3])), "response": text}) + "\n")
+    return path
+
+
+def morl_config(tmp_path: Path, model: Path, *extra: str) -> MORLConfig:
+    """A config parsed by the real command-line parser (flags as a user would give them)."""
+    argv = [
+        "--model_name_or_path", str(model),
+        "--dataset", str(write_samples(tmp_path)),
+        "--output_dir", str(tmp_path / "run"),
+        "--objectives", *OBJECTIVES,
+        "--per_device_train_batch_size", "4",
+        "--num_generations", "2",
+        "--max_completion_length", "8",
+        "--max_steps", "1",
+        "--learning_rate", "1e-2",
+        "--report_to", "none",
+        "--save_strategy", "no",
+        "--logging_steps", "1",
+        *extra,
+    ]  # fmt: skip
+    return parse_config(MORLConfig, argv)
+
+
+def parameters_differ(path_a: Path, path_b: Path) -> bool:
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(path_a).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(path_b).state_dict()
+    return any(not torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "ppo"])
+def test_one_rl_step_changes_the_policy_and_keeps_kl_finite(tmp_path, tiny_lm, algorithm):
+    from moalign.policy import load_policy
+
+    config = morl_config(tmp_path, tiny_lm, "--algorithm", algorithm, "--weights", "0.5,0.5", "--ppo_epochs", "2")
+    run_dir = train(config)
+    manifest = json.loads((run_dir / "moalign.json").read_text())
+    assert manifest["method"] == "morlhf" and manifest["algorithm"] == algorithm
+    assert manifest["models"] == [{"preference": [0.5, 0.5], "path": "models/w_0.5_0.5"}]
+    assert manifest["normalization"]["stats"]["names"] == OBJECTIVES  # fitted on the training samples
+    stage = manifest["training"]["stages"]["w_0.5_0.5"]
+    assert stage["steps"] == 1 and math.isfinite(stage["kl_last"]) and stage["tokens"] > 0
+    assert parameters_differ(tiny_lm, run_dir / "models" / "w_0.5_0.5")
+    assert not (run_dir / "checkpoints").exists()
+    policy = load_policy(run_dir)
+    assert len(policy.generate([PROMPT.format("the cat")], [0.4, 0.6])) == 1
+
+
+def test_ppo_resumes_from_its_checkpoint(tmp_path, tiny_lm):
+    config = morl_config(tmp_path, tiny_lm, "--algorithm", "ppo", "--max_steps", "2", "--save_strategy", "steps")
+    config.save_steps, config.ppo_epochs = 1, 1
+    prompts = [PROMPT.format(t) for t in CORPUS]
+    calls = []
+
+    def crashing(prompts, responses):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the machine goes down during the second rollout
+        return [float(len(r)) for r in responses]
+
+    stage, final = tmp_path / "stage", tmp_path / "final"
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(config, str(tiny_lm), prompts, crashing, stage, final)
+    assert (stage / "checkpoint-1" / "ppo_state.pt").exists() and not final.exists()
+    stats = train_ppo(config, str(tiny_lm), prompts, lambda p, r: [float(len(x)) for x in r], stage, final)
+    assert stats["resumed_from_step"] == 1 and stats["steps"] == 2
+    assert (final / "moalign_stage.json").exists() and not stage.exists()
+
+
+def test_gae_matches_the_recursion_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])  # three response tokens, one padding
+    values = torch.tensor([[0.5, 0.2, 0.1, 0.0]])
+    advantages, returns = gae(rewards, values, gamma=0.9, lam=0.5)
+    d2 = 1.0 - 0.1
+    d1 = 0.0 + 0.9 * 0.1 - 0.2
+    d0 = 0.0 + 0.9 * 0.2 - 0.5
+    a2, a1 = d2, d1 + 0.45 * d2
+    expected = torch.tensor([[d0 + 0.45 * a1, a1, a2, 0.0]])
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, expected + values)
+
+
+def test_rerun_skips_finished_weights(tmp_path, tiny_lm, monkeypatch):
+    import moalign.methods.morl as morl
+
+    trained: list[str] = []
+
+    def fake_stage(config, prompts, reward, stage_dir, final_dir):
+        trained.append(final_dir.name)
+        if final_dir.name == "w_0_1" and len(trained) == 2:
+            raise KeyboardInterrupt
+        shutil.copytree(tiny_lm, final_dir)
+        (final_dir / "moalign_stage.json").write_text(json.dumps({"seconds": 1.0, "tokens": 10}))
+        return {"seconds": 1.0, "tokens": 10}
+
+    monkeypatch.setattr(morl, "train_trl", fake_stage)
+    config = morl_config(tmp_path, tiny_lm, "--weights", "onehot")
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    manifest = json.loads((tmp_path / "run" / "moalign.json").read_text())
+    assert [m["preference"] for m in manifest["models"]] == [[1.0, 0.0]]  # usable after the interruption
+    train(config)
+    assert trained == ["w_1_0", "w_0_1", "w_0_1"]  # the finished weight was not trained again
+    manifest = json.loads((tmp_path / "run" / "moalign.json").read_text())
+    assert [m["preference"] for m in manifest["models"]] == [[1.0, 0.0], [0.0, 1.0]]
+    assert manifest["training"]["tokens"] == 20
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--weights", "0.2,0.3,0.5"], "expected 2"),
+        (["--weights", "0.2,0.3"], "sum to 1"),
+        (["--weights", "grid:x"], "grid:D"),
+        (["--scalarization", "nash"], "unknown scalarisation 'nash'"),
+        (["--algorithm", "ppo2"], "unknown algorithm"),
+        (["--num_generations", "1"], "num_generations"),
+    ],
+)
+def test_bad_input_is_one_line_before_work(tmp_path, tiny_lm, flags, message, capsys):
+    from moalign.cli import main
+
+    config = morl_config(tmp_path, tiny_lm)
+    with pytest.raises(MoalignError, match=message):
+        for flag, value in zip(flags[::2], flags[1::2]):
+            setattr(config, flag.removeprefix("--"), [value] if flag == "--weights" else value)
+        config.num_generations = int(config.num_generations)
+        train(config)
+    assert not (tmp_path / "run" / "models").exists()
+    # and through the command line: exit status 2, one line naming the problem
+    argv = ["morl", "--model_name_or_path", str(tiny_lm), "--dataset", str(tmp_path / "samples.jsonl")]
+    argv += ["--output_dir", str(tmp_path / "cli"), "--objectives", *OBJECTIVES, "--report_to", "none", *flags]
+    argv += ["--per_device_train_batch_size", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("moalign morl: error:")
