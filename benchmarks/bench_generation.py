@@ -37,7 +37,7 @@ def model_and_prompts(workdir: Path) -> tuple[Path, list[str], str]:
             prompts += prompts
         return Path(task.base_model), prompts[:BATCH], "demo base model"
     path = tiny_gpt2(workdir / "tiny-gpt2")
-    prompts = [" ".join(WORDS[i % 7 : i % 7 + 2 + i % 9]) for i in range(BATCH)]  # 2–10 words: real padding
+    prompts = [" ".join(["the", "cat", "sat", "on", "a", "mat", "good", "day", "sunny", "friends", "cook"][i % 7 : i % 7 + 2 + i % 9]) for i in range(BATCH)]  # 2–10 words: real padding
     return path, prompts, f"tiny GPT-2 (n_embd 128, 4 layers; demo task not available: {reason})"
 
 

@@ -48,7 +48,7 @@ def make_run(workdir: Path) -> tuple[Path, list[str], str]:
         model, prompts, which = Path(task.base_model).resolve(), list(task.test_prompts), "demo base model"
     else:
         model = tiny_gpt2(workdir / "tiny-gpt2").resolve()
-        prompts = [" ".join(WORDS[i % 7 : i % 7 + 2 + i % 9]) for i in range(64)]
+        prompts = [" ".join(["the", "cat", "sat", "on", "a", "mat", "good", "day", "sunny", "friends", "cook"][i % 7 : i % 7 + 2 + i % 9]) for i in range(64)]
         which = f"tiny GPT-2 (n_embd 128, 4 layers; demo task not available: {reason})"
     run_dir = workdir / "run"
     write_manifest(
