@@ -2,12 +2,11 @@
 
 Evaluation generates for every prompt under every preference, so batching is what makes `moalign eval`
 affordable; the goal is at least 10× the one-at-a-time rate. The model is the embedded demo's base
-model when `moalign.demo.task` is present, else a tiny GPT-2 built here (the row's note says which).
+model.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,28 +16,15 @@ from moalign.generation import SamplingParams, generate, load_model
 BATCH = 64
 
 
-def tiny_gpt2(directory: Path) -> Path:
-    """A small GPT-2 (n_embd 128, 4 layers), used only where the demo task is not importable."""
-    from moalign.testing import build_causal_lm
+def model_and_prompts() -> tuple[Path, list[str], str]:
+    """The embedded demo's base model and its test prompts, repeated to one full batch."""
+    from moalign.demo.task import prepare_task
 
-    return build_causal_lm(directory, n_embd=128, n_layer=4, n_head=4, n_positions=512)
-
-
-def model_and_prompts(workdir: Path) -> tuple[Path, list[str], str]:
-    """The demo base model and its test prompts where the demo exists, else a tiny GPT-2."""
-    try:
-        from moalign.demo.task import prepare_task
-    except ImportError as error:
-        prepare_task, reason = None, str(error).strip().splitlines()[0] if str(error).strip() else "ImportError"
-    if prepare_task is not None:
-        task = prepare_task()
-        prompts = list(task.test_prompts)
-        while len(prompts) < BATCH:
-            prompts += prompts
-        return Path(task.base_model), prompts[:BATCH], "demo base model"
-    path = tiny_gpt2(workdir / "tiny-gpt2")
-    prompts = [" ".join(["the", "cat", "sat", "on", "a", "mat", "good", "day", "sunny", "friends", "cook"][i % 7 : i % 7 + 2 + i % 9]) for i in range(BATCH)]  # 2–10 words: real padding
-    return path, prompts, f"tiny GPT-2 (n_embd 128, 4 layers; demo task not available: {reason})"
+    task = prepare_task()
+    prompts = list(task.test_prompts)
+    while len(prompts) < BATCH:
+        prompts += prompts
+    return Path(task.base_model), prompts[:BATCH], "demo base model"
 
 
 def tokens_per_second(model, tokenizer, prompts, params, batch_size: int, repeats: int) -> tuple[float, int, float]:
@@ -54,20 +40,17 @@ def tokens_per_second(model, tokenizer, prompts, params, batch_size: int, repeat
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path, prompts, which = model_and_prompts(Path(tmp))
-        model, tokenizer = load_model(str(path), device="auto")
-        new_tokens = 16 if quick else 48
-        n_single = 8 if quick else 16  # one-at-a-time is slow; its rate is stable after a few prompts
-        repeats = 2 if quick else 3
-        params = [SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i) for i in range(BATCH)]
-        warm = [SamplingParams(max_new_tokens=4, seed=i) for i in range(BATCH)]
-        generate(model, tokenizer, prompts, warm, batch_size=BATCH)  # warm-up: allocations, kernel choices
-        generate(model, tokenizer, prompts[:2], warm[:2], batch_size=1)
-        batched, b_tokens, b_seconds = tokens_per_second(model, tokenizer, prompts, params, BATCH, repeats)
-        single, s_tokens, s_seconds = tokens_per_second(
-            model, tokenizer, prompts[:n_single], params[:n_single], 1, repeats
-        )
+    path, prompts, which = model_and_prompts()
+    model, tokenizer = load_model(str(path), device="auto")
+    new_tokens = 16 if quick else 48
+    n_single = 8 if quick else 16  # one-at-a-time is slow; its rate is stable after a few prompts
+    repeats = 2 if quick else 3
+    params = [SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i) for i in range(BATCH)]
+    warm = [SamplingParams(max_new_tokens=4, seed=i) for i in range(BATCH)]
+    generate(model, tokenizer, prompts, warm, batch_size=BATCH)  # warm-up: allocations, kernel choices
+    generate(model, tokenizer, prompts[:2], warm[:2], batch_size=1)
+    batched, b_tokens, b_seconds = tokens_per_second(model, tokenizer, prompts, params, BATCH, repeats)
+    single, s_tokens, s_seconds = tokens_per_second(model, tokenizer, prompts[:n_single], params[:n_single], 1, repeats)
     device = str(next(model.parameters()).device)
     size = sum(p.numel() for p in model.parameters())
     return [

@@ -3,7 +3,7 @@
 The server runs in a subprocess on loopback (as a user would start it); 200 clients (quick: 50) each
 send one completion request (max_tokens 32, its own seed and preference) at once. Reported per mode:
 errors, p50 / p99 latency, requests/s and tokens/s, and the batched / unbatched ratio. The model is
-the embedded demo's base model when `moalign.demo.task` is present, else a small GPT-2 built here.
+the embedded demo's base model.
 """
 
 from __future__ import annotations
@@ -28,34 +28,19 @@ MAX_TOKENS = 32
 THREADS = "1"
 
 
-def tiny_gpt2(directory: Path) -> Path:
-    """A small GPT-2 (n_embd 128, 4 layers), used only where the demo task is not importable."""
-    from moalign.testing import build_causal_lm
-
-    return build_causal_lm(directory, n_embd=128, n_layer=4, n_head=4, n_positions=512)
-
-
 def make_run(workdir: Path) -> tuple[Path, list[str], str]:
-    """A `base` run directory naming the demo base model (or a tiny GPT-2), and prompts for it."""
+    """A `base` run directory naming the embedded demo's base model, and the demo's test prompts."""
+    from moalign.demo.task import prepare_task
     from moalign.run import write_manifest
 
-    try:
-        from moalign.demo.task import prepare_task
-    except ImportError as error:
-        prepare_task, reason = None, str(error).strip().splitlines()[0] if str(error).strip() else "ImportError"
-    if prepare_task is not None:
-        task = prepare_task()
-        model, prompts, which = Path(task.base_model).resolve(), list(task.test_prompts), "demo base model"
-    else:
-        model = tiny_gpt2(workdir / "tiny-gpt2").resolve()
-        prompts = [" ".join(["the", "cat", "sat", "on", "a", "mat", "good", "day", "sunny", "friends", "cook"][i % 7 : i % 7 + 2 + i % 9]) for i in range(64)]
-        which = f"tiny GPT-2 (n_embd 128, 4 layers; demo task not available: {reason})"
+    task = prepare_task()
+    model, prompts = Path(task.base_model).resolve(), list(task.test_prompts)
     run_dir = workdir / "run"
     write_manifest(
         run_dir,
         {"method": "base", "model": str(model), "objective_names": ["a", "b"], "objectives": ["length", "brevity"]},
     )
-    return run_dir, prompts, which
+    return run_dir, prompts, "demo base model"
 
 
 def free_port() -> int:

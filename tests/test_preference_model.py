@@ -23,7 +23,7 @@ from moalign.run import read_manifest
 
 TRAINING = {
     "per_device_train_batch_size": 8,
-    "num_train_epochs": 3,
+    "num_train_epochs": 4,
     "learning_rate": 0.01,
     "max_length": 128,
     "save_strategy": "no",
@@ -34,7 +34,7 @@ TRAINING = {
 }
 
 
-def toy_labels(n: int = 80, seed: int = 0) -> pd.DataFrame:
+def toy_labels(n: int = 120, seed: int = 0) -> pd.DataFrame:
     """Feedback labels where `kindness` prefers the response ending in "kindly" and `brevity` the shorter
     one; people agree with kindness. A or B is random, so neither position nor length alone separates."""
     rng = random.Random(seed)
