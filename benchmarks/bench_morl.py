@@ -11,14 +11,14 @@
   and its wᵀr̂.
 
 `train_on_demo(task, run_dir, quick)` and `train_soups_on_demo(task, run_dir, quick)` are what the shared
-all-methods benchmark (bench_methods.py) calls. Runs go to runs/bench_morl/ (removed first;
-MOALIGN_BENCH_REUSE=1 keeps trained runs).
+all-methods benchmark (bench_methods.py) calls. The MORLHF and soup runs are runs/bench/morlhf and
+runs/bench/soups, shared with bench_methods.py: within one `make bench` they are trained once
+(bench_methods.py runs first and clears runs/bench/); run alone, this module trains what is absent.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +29,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 MORLHF_CONFIG = HERE.parent / "configs" / "morlhf_demo.yaml"
 SOUPS_CONFIG = HERE.parent / "configs" / "soups_demo.yaml"
-ROOT = HERE.parent / "runs" / "bench_morl"
+ROOT = HERE.parent / "runs" / "bench"  # shared with bench_methods.py
 SECTION = "MORLHF and Rewarded Soups"
 
 # quick: the simplex's vertices and centre, few steps; full: the YAML as written (grid:4, its max_steps)
@@ -69,10 +69,16 @@ def demo_config(task: Any, run_dir: Path, quick: bool, *flags: str):
 def train_on_demo(task: Any, run_dir: Path, quick: bool, *flags: str) -> dict[str, Any]:
     """MORLHF on the demo task: one RL run per weight of a coarse grid (quick: vertices and centre)."""
     from moalign.methods.morl import train
-    from moalign.run import read_manifest
 
     run_dir = Path(run_dir)
     train(demo_config(task, run_dir, quick, *flags))
+    return run_info(run_dir)
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """Seconds, tokens, steps and weights of a trained MORL run, from its manifest."""
+    from moalign.run import read_manifest
+
     manifest = read_manifest(run_dir)
     training = manifest["training"]
     return {
@@ -187,15 +193,15 @@ def run(quick: bool) -> list[dict[str, Any]]:
     from moalign.demo.task import prepare_task
     from moalign.run import read_manifest
 
-    if not os.environ.get("MOALIGN_BENCH_REUSE"):
-        shutil.rmtree(ROOT, ignore_errors=True)
     ROOT.mkdir(parents=True, exist_ok=True)
     task = prepare_task()
     n_prompts = 32 if quick else 64
     rows: list[dict[str, Any]] = []
 
+    reused = (ROOT / "morlhf" / "moalign.json").exists()
     start = time.perf_counter()
-    info = train_on_demo(task, ROOT / "morlhf", quick)
+    info = run_info(ROOT / "morlhf") if reused else train_on_demo(task, ROOT / "morlhf", quick)
+    where = "reused from runs/bench (bench_methods.py trains it first in make bench)" if reused else "trained here"
     wall = time.perf_counter() - start
     ppo_config = demo_config(task, ROOT / "morlhf", quick)
     rows.append(
@@ -203,14 +209,17 @@ def run(quick: bool) -> list[dict[str, Any]]:
             f"MORLHF ({ppo_config.algorithm.upper()}) training",
             round(info["train_seconds"], 1),
             "s",
-            f"{len(info['weights'])} weights, {info['steps']} steps, {info['tokens']} tokens; {wall:.0f}s wall "
-            "with scoring and saving",
+            f"{len(info['weights'])} weights, {info['steps']} steps, {info['tokens']} tokens; {where}"
+            + ("" if reused else f", {wall:.0f}s wall with scoring and saving"),
         )
     )
-    soups = train_soups_on_demo(task, ROOT / "soups", quick, morl_run=ROOT / "morlhf")
-    rows.append(row("Rewarded Soups cost", round(soups["train_seconds"], 1), "s", "its one-hot ingredients' training"))
+    if not (ROOT / "soups" / "moalign.json").exists():
+        train_soups_on_demo(task, ROOT / "soups", quick, morl_run=ROOT / "morlhf")
+    soups = read_manifest(ROOT / "soups")["training"]
+    rows.append(row("Rewarded Soups cost", round(soups["seconds"], 1), "s", "its one-hot ingredients' training"))
     rows += measure(task, ROOT / "morlhf", ROOT / "soups", n_prompts)
 
+    shutil.rmtree(ROOT / "rloo", ignore_errors=True)  # only this module trains it: measured in this run
     rloo = train_on_demo(task, ROOT / "rloo", quick, *RLOO_FLAGS)
     rloo_config = demo_config(task, ROOT / "rloo", quick, *RLOO_FLAGS)
     ppo_step = info["train_seconds"] / max(1, info["steps"])

@@ -2,11 +2,13 @@
 
 - Selection: non-dominated sorting plus the k nearest samples to each of 11 rays, on synthetic score
   sets of hh-rlhf's size (320 000 samples: both responses of 160 000 pairs), N = 2 and 3.
-- The embedded task: ParetoHqD trained with configs/paretohqd_demo.yaml; the stage-1 models form a run
-  of their own (`<run>_stage1`), so stage 1 alone and stages 1 + 2 are evaluated on one grid, one
-  reference point and the same prompts. `train_on_demo` is also what benchmarks/bench_methods.py uses.
+- The embedded task: ParetoHqD trained with configs/paretohqd_demo.yaml, its time per stage and the
+  hypervolume of the data each stage selected. The stage-1 models form a run of their own
+  (`<run>_stage1`), so the all-methods benchmark (bench_methods.py, which calls `train_on_demo`)
+  evaluates stage 1 alone and stages 1 + 2 on one grid with every other method.
 
-Runs go to runs/bench_paretohqd/ (removed first; MOALIGN_BENCH_REUSE=1 keeps trained runs).
+The run is runs/bench/paretohqd, shared with bench_methods.py: within one `make bench` it is trained once
+(bench_methods.py runs first and clears runs/bench/); run alone, this module trains it if it is absent.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "paretohqd_demo.yaml"
-ROOT = HERE.parent / "runs" / "bench_paretohqd"
+ROOT = HERE.parent / "runs" / "bench"  # shared with bench_methods.py
 SECTION = "ParetoHqD"
 
 # quick: a smoke-sized run (6 preferences, few steps); full: the demo config as written
@@ -74,13 +76,19 @@ def train_on_demo(task: Any, run_dir: Path, quick: bool, stages: int = 2) -> dic
     Returns train_seconds and tokens of the whole run (scoring, SFT, stage-2 generation) and per stage.
     """
     from moalign.methods.paretohqd import train
-    from moalign.run import read_manifest
 
     run_dir = Path(run_dir)
     prompts = run_dir.parent / "data" / "paretohqd_eval_prompts.jsonl"
     prompts.parent.mkdir(parents=True, exist_ok=True)
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in task.test_prompts[: 32 if quick else 64]))
     train(demo_config(task, run_dir, quick, stages, prompts))
+    return run_info(run_dir)
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """Seconds and tokens of a trained run, whole and per stage, from its manifest."""
+    from moalign.run import read_manifest
+
     training = read_manifest(run_dir)["training"]
     parts = training["stages"]
     info: dict[str, Any] = {
@@ -91,7 +99,7 @@ def train_on_demo(task: Any, run_dir: Path, quick: bool, stages: int = 2) -> dic
         "stage1_tokens": sum(s["tokens"] for s in parts["stage1"].values()),
         "models": len(parts["stage1"]),
     }
-    if stages == 2:
+    if "stage2" in parts:
         info.update(
             stage2_generation_seconds=parts["stage2_generation"]["seconds"],
             stage2_generation_tokens=parts["stage2_generation"]["tokens"],
@@ -137,7 +145,6 @@ def selected_hypervolume(run_dir: Path, stage: str) -> float:
 
 def run(quick: bool) -> list[dict[str, Any]]:
     from moalign.demo.task import prepare_task
-    from moalign.evaluate import evaluate_runs
 
     rows = []
     n = 50_000 if quick else 320_000
@@ -147,14 +154,14 @@ def run(quick: bool) -> list[dict[str, Any]]:
         rows.append(row(f"non-dominated sort, n = {n}, N = {n_objectives}", round(speed["sort"], 3), "s", note))
         rows.append(row(f"selection per preference, N = {n_objectives}", round(speed["select"] * 1000, 1), "ms"))
 
-    if not os.environ.get("MOALIGN_BENCH_REUSE"):
-        shutil.rmtree(ROOT, ignore_errors=True)
-    task = prepare_task()
     run_dir = ROOT / "paretohqd"
-    info = train_on_demo(task, run_dir, quick)
-    stage1_dir = Path(info["stage1_run_dir"])
+    trained_here = not (run_dir / "moalign.json").exists()
+    info = train_on_demo(prepare_task(), run_dir, quick) if trained_here else run_info(run_dir)
+    where = (
+        "trained here" if trained_here else "reused from runs/bench (bench_methods.py trains it first in make bench)"
+    )
     rows += [
-        row("training, stages 1 + 2", round(info["train_seconds"], 1), "s", f"{info['tokens']} tokens"),
+        row("training, stages 1 + 2", round(info["train_seconds"], 1), "s", f"{info['tokens']} tokens; {where}"),
         row(
             "stage 1 SFT",
             round(info["stage1_seconds"], 1),
@@ -181,21 +188,4 @@ def run(quick: bool) -> list[dict[str, Any]]:
             "generated data's own min-max space",
         ),
     ]
-    n_prompts, divisions = (32, 5) if quick else (64, 10)
-    start = time.perf_counter()
-    fronts = evaluate_runs(
-        [stage1_dir, run_dir], n_prompts=n_prompts, divisions=divisions, output_dir=ROOT, progress=False
-    )
-    reference = [round(v, 4) for v in fronts[0]["reference_point"]]
-    for name, front in zip(("stage 1", "stages 1 + 2"), fronts):
-        rows.append(row(f"{name}: hypervolume", round(front["hypervolume"], 5), "", f"reference point {reference}"))
-        rows.append(row(f"{name}: collapse rate", round(front["collapse_rate"], 4), "share"))
-    rows.append(
-        row(
-            "evaluation",
-            round(time.perf_counter() - start, 1),
-            "s",
-            f"2 runs × {divisions + 1} preferences × {n_prompts} prompts",
-        )
-    )
     return rows

@@ -12,7 +12,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from moalign.testing import CORPUS, build_causal_lm, build_classifier, build_tokenizer  # noqa: E402, F401
+from moalign.testing import (  # noqa: E402, F401
+    CORPUS,
+    ServerThread,
+    build_causal_lm,
+    build_classifier,
+    build_tokenizer,
+    serve_run,
+)
 
 
 @pytest.fixture

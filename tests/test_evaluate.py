@@ -38,7 +38,7 @@ class CannedPolicy(policy.Policy):
         super().__init__(manifest, run_dir)
         self.reverse = bool(manifest.get("reverse"))
 
-    def complete(self, prompts, weights, params):
+    def _complete(self, prompts, weights, params):
         out = []
         for prompt, w in zip(prompts, weights):
             k = round(4 * (1 - w[0] if self.reverse else w[0]))
@@ -142,6 +142,28 @@ def test_reversed_policy_has_negative_steerability(tmp_path):
     assert result["steerability"]["brevity"] == pytest.approx(-1.0)
 
 
+def test_preferences_served_alike_are_generated_once(tmp_path):
+    """A policy's `variant` says which preferences give the same text; evaluation generates once for each."""
+
+    class Coarse(CannedPolicy):
+        calls = 0
+
+        def variant(self, weights):
+            return bool(weights[0] >= 0.5)
+
+        def _complete(self, prompts, weights, params):
+            Coarse.calls += 1
+            return super()._complete(prompts, weights, params)
+
+    run = make_run(tmp_path / "run")
+    pol = Coarse(json.loads((run / "moalign.json").read_text()), run)
+    result = evaluate_policy(pol, PROMPTS, build_all(["vader", "brevity"]), simplex_grid(2, 4))
+    points = np.asarray(result["points"])
+    assert Coarse.calls == 2
+    np.testing.assert_allclose(points[:2], expected_points()[[0, 0]])
+    np.testing.assert_allclose(points[2:], expected_points()[[2, 2, 2]])
+
+
 def test_front_metrics_by_hand():
     points = np.array([[0.0, 3.0], [1.0, 2.0], [0.5, 1.0], [2.0, 0.0]])  # [0.5, 1] is dominated by [1, 2]
     metrics = front_metrics(points, [-1.0, -1.0])
@@ -241,3 +263,21 @@ def test_a_real_fixed_model_gives_identical_points_and_undefined_steerability(tm
     assert front["generated_unit"] == "tokens" and front["generated"] > 0
     saved = json.loads((run / "front.json").read_text())
     assert saved["steerability"] == {"length": None, "brevity": None}  # NaN is written as null
+
+
+def test_the_runs_prompt_template_wraps_every_prompt(tmp_path):
+    """A run trained on templated prompts (MODPO's safety setup) is asked in the same template."""
+
+    class Recording(CannedPolicy):
+        def _complete(self, prompts, weights, params):
+            self.seen = list(prompts)
+            return super()._complete(prompts, weights, params)
+
+    run = make_run(tmp_path / "run")
+    manifest = {**json.loads((run / "moalign.json").read_text()), "prompt_template": "USER: {prompt} ASSISTANT:"}
+    pol = Recording(manifest, run)
+    pol.generate(PROMPTS, [0.5, 0.5])
+    assert pol.seen == [f"USER: {p} ASSISTANT:" for p in PROMPTS]
+    plain = Recording(json.loads((run / "moalign.json").read_text()), run)
+    plain.generate(PROMPTS, [0.5, 0.5])
+    assert plain.seen == PROMPTS

@@ -6,11 +6,9 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +18,7 @@ from moalign import cli
 from moalign.errors import MoalignError
 from moalign.methods import feedback as fb
 from moalign.run import write_manifest
-from moalign.testing import build_causal_lm
+from moalign.testing import ServerThread, build_causal_lm, serve_run
 
 KEY = "sk-test-secret-4242"
 PROMPTS = [
@@ -60,40 +58,9 @@ def judge_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-class ServerThread:
-    """`moalign serve` (its FastAPI app under uvicorn) on a free loopback port, in a background thread."""
-
-    def __init__(self, run_dir: Path, **options):
-        import uvicorn
-
-        from moalign.policy import load_policy
-        from moalign.serve import ServeConfig, create_app
-
-        app = create_app(load_policy(run_dir, device="cpu"), ServeConfig(model_id="judge", **options))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not (self.server.started and self.server.servers):
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def requests(self) -> int:
-        return httpx.get(f"{self.url}/health").json()["requests"]
-
-
 @pytest.fixture(scope="module")
 def server(judge_run: Path) -> Iterator[ServerThread]:
-    with ServerThread(judge_run, api_key=KEY) as running:
+    with serve_run(judge_run, model_id="judge", api_key=KEY) as running:
         yield running
 
 
@@ -127,7 +94,7 @@ def test_judge_through_moalign_serve_resumes_after_a_kill_without_asking_twice(
     principles = fb.load_principles("helpfulness,conciseness")
     options = dict(base_url=f"{server.url}/v1", api_key_env="JUDGE_KEY", api="completions", top_logprobs=20)
     out = tmp_path / "feedback"
-    before = server.requests()
+    before = server.stats["requests"]
 
     # Three requests in flight: those still running when one dies are recorded, not lost.
     first = CountingJudge("judge", kill_after=5, concurrency=3, **options)
@@ -143,7 +110,7 @@ def test_judge_through_moalign_serve_resumes_after_a_kill_without_asking_twice(
     labels = fb.collect(pairs(), principles, second, out, progress=False)
     total = len(PAIRS) * len(principles) * 2
     assert second.calls == total - 5  # nothing asked twice
-    assert server.requests() - before == total  # as the server counted them
+    assert server.stats["requests"] - before == total  # as the server counted them
     answers = list(fb.iter_answers(out))
     assert len(answers) == total
     assert len({(a["id"], a["principle"], a["order"]) for a in answers}) == total

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch  # noqa: E402
 
 from moalign.run import write_manifest  # noqa: E402
 from moalign.serve import ServeConfig, create_app, render_chat, token_pieces  # noqa: E402
-from moalign.testing import build_causal_lm, build_tokenizer  # noqa: E402
+from moalign.testing import ServerThread, build_causal_lm, build_tokenizer, serve_run  # noqa: E402
 
 KEY = "test-key-123"
 
@@ -73,51 +72,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"base": base, "modpo": modpo}
 
 
-class ServerThread:
-    """A real uvicorn server on 127.0.0.1 (a free port) in a background thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not (self.server.started and self.server.servers):
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        assert httpx.get(f"{self.url}/health").json()["status"] == "ok"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    @property
-    def stats(self) -> dict:
-        return httpx.get(f"{self.url}/health").json()
-
-
-def serve(run_dir: Path, **options) -> ServerThread:
-    from moalign.policy import load_policy
-
-    return ServerThread(create_app(load_policy(run_dir, device="cpu"), ServeConfig(**options)))
-
-
 @pytest.fixture(scope="module")
 def base_server(runs) -> Iterator[ServerThread]:
-    with serve(runs["base"], api_key=KEY, max_tokens_cap=48, max_prompt_tokens=40) as server:
+    with serve_run(runs["base"], api_key=KEY, max_tokens_cap=48, max_prompt_tokens=40) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def modpo_server(runs) -> Iterator[ServerThread]:
-    with serve(runs["modpo"]) as server:
+    with serve_run(runs["modpo"]) as server:
         yield server
 
 
@@ -299,10 +262,10 @@ def test_concurrent_requests_in_one_batch_give_what_they_give_alone(runs):
         return [a.json()["choices"][0]["text"] for a in answers]
 
     # A long window that closes as soon as all five rows are in (max_batch): robust on a busy machine.
-    with serve(runs["base"], batch_wait_ms=5000, max_batch=len(requests)) as batched:
+    with serve_run(runs["base"], batch_wait_ms=5000, max_batch=len(requests)) as batched:
         together = asyncio.run(fire(batched.url))
         assert batched.stats["largest_batch"] == len(requests) and batched.stats["batches"] == 1
-    with serve(runs["base"], batching=False) as alone:
+    with serve_run(runs["base"], batching=False) as alone:
         separate = asyncio.run(fire(alone.url))
         assert alone.stats["largest_batch"] == 1 and alone.stats["batches"] == len(requests)
     assert together == separate

@@ -116,20 +116,21 @@ def evaluate_policy(
     points, samples, collapse_rates = [], [], []
     tokens, unit, seconds = 0, "tokens", 0.0
     label = f"evaluating {getattr(policy, 'run_dir', Path('policy')).name}"
+    done: dict[Any, tuple[list[float], float, list[dict[str, Any]]]] = {}
+    variant = getattr(policy, "variant", lambda weights: tuple(weights))
     for w in tqdm(grid, desc=label, unit="preference", disable=not progress):
-        start = time.perf_counter()
-        responses = list(policy.generate(prompts, w, sampling))
-        seconds += time.perf_counter() - start
-        if len(responses) != len(prompts):
-            raise MoalignError(f"the policy returned {len(responses)} responses for {len(prompts)} prompts")
-        count, unit = _count_tokens(policy, responses)
-        tokens += count
-        scores = score(objectives, prompts, responses, cache, progress=False)
-        points.append([float(np.mean(scores[name])) for name in names])
-        degenerate = [is_degenerate(text) for text in responses]
-        collapse_rates.append(float(np.mean(degenerate)))
-        samples.append(
-            [
+        key = variant(w)
+        if key not in done:  # preferences the policy serves alike share one generation
+            start = time.perf_counter()
+            responses = list(policy.generate(prompts, w, sampling))
+            seconds += time.perf_counter() - start
+            if len(responses) != len(prompts):
+                raise MoalignError(f"the policy returned {len(responses)} responses for {len(prompts)} prompts")
+            count, unit = _count_tokens(policy, responses)
+            tokens += count
+            scores = score(objectives, prompts, responses, cache, progress=False)
+            degenerate = [is_degenerate(text) for text in responses]
+            shown = [
                 {
                     "prompt": prompts[i],
                     "response": responses[i],
@@ -138,7 +139,11 @@ def evaluate_policy(
                 }
                 for i in range(min(N_SAMPLES, len(prompts)))
             ]
-        )
+            done[key] = ([float(np.mean(scores[name])) for name in names], float(np.mean(degenerate)), shown)
+        point, collapse, shown = done[key]
+        points.append(point)
+        collapse_rates.append(collapse)
+        samples.append(shown)
     matrix = np.asarray(points, dtype=float)
     return {
         "objectives": names,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class Policy:
         self.run_dir = Path(run_dir)
         self.objectives: list[str] = list(manifest.get("objective_names") or [])
         self.sampling = SamplingParams(**manifest.get("sampling", {}))
+        # How the method wrapped prompts in training (MODPO's safety setup: "USER: {prompt} ASSISTANT:")
+        self.prompt_template: str = manifest.get("prompt_template") or "{prompt}"
 
     @property
     def n_objectives(self) -> int:
@@ -51,6 +53,11 @@ class Policy:
         """Which trained model answers for this preference (shown to server clients)."""
         return "model"
 
+    def variant(self, weights: np.ndarray) -> Hashable:
+        """What the output depends on besides prompt and seed: preferences with equal variants generate
+        the same text, so evaluation generates once for them."""
+        return tuple(np.round(np.asarray(weights, dtype=float), 12))
+
     def complete(
         self,
         prompts: Sequence[str],
@@ -58,6 +65,15 @@ class Policy:
         params: Sequence[SamplingParams],
     ) -> list[Completion]:
         """Per-row preference and sampling settings; the server's batches come through here."""
+        return self._complete([self.prompt_template.format(prompt=p) for p in prompts], weights, params)
+
+    def _complete(
+        self,
+        prompts: Sequence[str],
+        weights: Sequence[Sequence[float]],
+        params: Sequence[SamplingParams],
+    ) -> list[Completion]:
+        """Generation proper, on prompts already in the run's template."""
         raise NotImplementedError
 
     def generate(
@@ -84,13 +100,16 @@ class ModelPolicy(Policy):
     def prepare_prompt(self, prompt: str, weights: np.ndarray) -> str:
         return prompt
 
-    def complete(self, prompts, weights, params):
+    def _complete(self, prompts, weights, params):
         conditioned = [self.prepare_prompt(p, self.check_weights(w)) for p, w in zip(prompts, weights)]
         return generate(self.model, self.tokenizer, conditioned, list(params))
 
 
 class FixedPolicy(ModelPolicy):
     """A model that ignores the preference: the base model and the SFT baseline."""
+
+    def variant(self, weights: np.ndarray) -> Hashable:
+        return None
 
 
 class PerPreferencePolicy(Policy):
@@ -116,6 +135,9 @@ class PerPreferencePolicy(Policy):
     def served_by(self, weights: np.ndarray) -> str:
         return Path(self.paths[self.nearest(weights)]).name
 
+    def variant(self, weights: np.ndarray) -> Hashable:
+        return self.nearest(weights)
+
     def model_for(self, index: int):
         if index not in self.loaded:
             self.loaded[index] = load_model(str(self.paths[index]), device=self.device)
@@ -124,7 +146,7 @@ class PerPreferencePolicy(Policy):
         self.loaded.move_to_end(index)
         return self.loaded[index]
 
-    def complete(self, prompts, weights, params):
+    def _complete(self, prompts, weights, params):
         chosen = [self.nearest(self.check_weights(w)) for w in weights]
         results: list[Completion | None] = [None] * len(prompts)
         for index in sorted(set(chosen)):

@@ -89,3 +89,48 @@ def build_classifier(
     config.num_labels = num_labels
     GPT2ForSequenceClassification(config).save_pretrained(directory)
     return directory
+
+
+class ServerThread:
+    """A FastAPI app under a real uvicorn on 127.0.0.1 (a free port), in a background thread."""
+
+    def __init__(self, app: Any):
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        import time
+
+        self.thread.start()
+        deadline = time.time() + 30
+        while not (self.server.started and self.server.servers):
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The server's /health answer: status, request and batch counters."""
+        import httpx
+
+        return httpx.get(f"{self.url}/health").json()
+
+
+def serve_run(run_dir: str | Path, **options: Any) -> ServerThread:
+    """`moalign serve RUN_DIR` as a test server; options are ServeConfig fields."""
+    from moalign.policy import load_policy
+    from moalign.serve import ServeConfig, create_app
+
+    return ServerThread(create_app(load_policy(run_dir, device="cpu"), ServeConfig(**options)))

@@ -134,8 +134,11 @@ def load_causal_lm(path: str):
         raise MoalignError(f"cannot load model {path} ({str(error).strip().splitlines()[0]})") from None
 
 
-def lora_config(config: CommonArguments):
-    """PEFT's LoRA config from the method config, or None for full fine-tuning."""
+def lora_config(config: CommonArguments, task_type: str = "CAUSAL_LM"):
+    """PEFT's LoRA config from the method config, or None for full fine-tuning.
+
+    For a classifier pass task_type="SEQ_CLS": PEFT then trains the new score head in full beside the
+    adapters."""
     if not config.use_peft:
         return None
     from peft import LoraConfig
@@ -145,7 +148,7 @@ def lora_config(config: CommonArguments):
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules or "all-linear",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 

@@ -32,6 +32,7 @@ from moalign.methods.common import (
     CommonArguments,
     last_checkpoint,
     load_tokenizer,
+    lora_config,
     parse_config,
     save_final,
     stage_args,
@@ -136,21 +137,6 @@ def load_backbone(path: str):
     return model
 
 
-def seq_cls_lora(config: PMConfig):
-    """LoRA for a classifier: SEQ_CLS makes PEFT train the new score head in full beside the adapters."""
-    if not config.use_peft:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules or "all-linear",
-        task_type="SEQ_CLS",
-    )
-
-
 def train_principle(config: PMConfig, principle: str, pairs: pd.DataFrame, run_dir: Path) -> dict[str, Any]:
     """One resumable RewardTrainer stage; a principle whose folder is complete is skipped."""
     import datasets
@@ -176,7 +162,7 @@ def train_principle(config: PMConfig, principle: str, pairs: pd.DataFrame, run_d
         args=stage_args(config, stage_dir),
         train_dataset=datasets.Dataset.from_dict(columns),
         processing_class=tokenizer,
-        peft_config=seq_cls_lora(config),
+        peft_config=lora_config(config, task_type="SEQ_CLS"),
     )
     kept = len(trainer.train_dataset)
     if kept == 0:

@@ -329,7 +329,7 @@ class SoupPolicy(Policy):
             tensor.copy_(soup_tensor([sd[name] for sd in self.state_dicts], weights))
         return model.to(self.device).eval()
 
-    def complete(self, prompts, weights, params) -> list[Completion]:
+    def _complete(self, prompts, weights, params) -> list[Completion]:
         keys = [self.key(w) for w in weights]
         results: list[Completion | None] = [None] * len(prompts)
         for key in dict.fromkeys(keys):

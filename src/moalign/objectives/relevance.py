@@ -20,20 +20,20 @@ def default_embedding_model() -> str:
 class Relevance(Objective):
     name = "relevance"
 
-    def __init__(self, argument: str = "", batch_size: int = 128, device: str = "cpu"):
+    def __init__(self, argument: str = "", batch_size: int = 32, device: str = "cpu"):
         from sentence_transformers import SentenceTransformer
 
         self.model_path = argument or default_embedding_model()
         self.model = SentenceTransformer(self.model_path, device=device)
         self.batch_size = batch_size
 
+    def _encode(self, texts: list[str]):
+        # No bar of its own: the caller's bar counts samples, and a per-call bar would interleave with it.
+        return self.model.encode(
+            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+
     def _score(self, prompts, responses):
         unique_prompts = list(dict.fromkeys(prompts))
-        prompt_vectors = self.model.encode(
-            unique_prompts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
-        )
-        by_prompt = dict(zip(unique_prompts, prompt_vectors))
-        response_vectors = self.model.encode(
-            responses, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
-        )
-        return [float(by_prompt[p] @ r) for p, r in zip(prompts, response_vectors)]
+        by_prompt = dict(zip(unique_prompts, self._encode(unique_prompts)))
+        return [float(by_prompt[p] @ r) for p, r in zip(prompts, self._encode(responses))]
