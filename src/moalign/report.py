@@ -53,9 +53,13 @@ def _draw_pair(ax, fronts: Sequence[dict[str, Any]], i: int, j: int, annotate: b
         if best:
             ax.scatter(points[best, i], points[best, j], color=color, s=40, zorder=3, edgecolor="black", lw=0.6)
         if annotate:
+            # Preferences served alike land on one point: label it once, with the range of weights.
+            shared: dict[tuple[float, float], list[str]] = {}
             for preference, (x, y) in zip(front["preferences"], points[:, [i, j]]):
+                shared.setdefault((float(x), float(y)), []).append(_weight_label(preference))
+            for (x, y), labels in shared.items():
                 ax.annotate(
-                    _weight_label(preference),
+                    labels[0] if len(labels) == 1 else f"{labels[0]}…{labels[-1]}",
                     (x, y),
                     textcoords="offset points",
                     xytext=(4, 4 + 9 * index),
@@ -67,6 +71,7 @@ def _draw_pair(ax, fronts: Sequence[dict[str, Any]], i: int, j: int, annotate: b
         ax.scatter([reference[i]], [reference[j]], marker="x", color="black", s=50, zorder=4, label="reference point")
         ax.axvline(reference[i], color="grey", lw=0.6, ls=":")
         ax.axhline(reference[j], color="grey", lw=0.6, ls=":")
+    ax.margins(0.08)  # room for the labels at the edges
     ax.set_xlabel(f"{names[i]} (mean)")
     ax.set_ylabel(f"{names[j]} (mean)")
     ax.grid(alpha=0.3)
