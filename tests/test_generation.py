@@ -97,3 +97,14 @@ def test_row_output_does_not_depend_on_its_batch(lm):
     assert batch[1].token_ids == alone.token_ids and batch[1].text == alone.text
     # across batch boundaries too: row 4 (in the second batch of size 4) equals its solo run
     assert batch[4].token_ids == generate(model, tokenizer, [PROMPTS[1]], [sampled(8)])[0].token_ids
+
+
+def test_nucleus_and_full_rows_share_a_batch_without_changing_each_other(lm):
+    """A top_p = 1 row draws from the unsorted distribution, a top_p < 1 row from the sorted nucleus: in one
+    batch each still gives exactly what it gives alone."""
+    model, tokenizer = lm
+    full = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=5)
+    nucleus = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.5, seed=6)
+    batch = generate(model, tokenizer, [PROMPTS[0], PROMPTS[2]], [full, nucleus])
+    assert batch[0].token_ids == generate(model, tokenizer, [PROMPTS[0]], [full])[0].token_ids
+    assert batch[1].token_ids == generate(model, tokenizer, [PROMPTS[2]], [nucleus])[0].token_ids

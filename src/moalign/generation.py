@@ -87,18 +87,28 @@ def prepare_tokenizer(tokenizer) -> None:
 def _sample(
     logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generators: list[torch.Generator]
 ) -> torch.Tensor:
-    """One token per row: greedy where temperature is 0, else nucleus sampling with the row's generator."""
+    """One token per row: greedy where temperature is 0, else nucleus sampling with the row's generator.
+
+    Rows with top_p = 1 draw from the unsorted distribution: sorting the vocabulary every step is the
+    costliest part of sampling. Which path a row takes depends only on its own settings, so its output
+    never depends on the other rows of its batch.
+    """
     greedy = logits.argmax(dim=-1)
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
     probs = torch.softmax(scaled.float(), dim=-1)
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    cumulative = sorted_probs.cumsum(dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs >= top_p[:, None], 0.0)
-    cumulative = sorted_probs.cumsum(dim=-1)
     draws = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)
-    position = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None]).clamp(max=logits.size(-1) - 1)
-    sampled = sorted_ids.gather(1, position).squeeze(1)
+    last = logits.size(-1) - 1
+    cumulative = probs.cumsum(dim=-1)
+    sampled = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None]).clamp(max=last).squeeze(1)
+    nucleus = top_p < 1
+    if bool(nucleus.any()):
+        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        kept = sorted_probs.cumsum(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        sorted_probs = sorted_probs.masked_fill(kept - sorted_probs >= top_p[:, None], 0.0)
+        kept = sorted_probs.cumsum(dim=-1)
+        position = torch.searchsorted(kept, (draws * kept[:, -1])[:, None]).clamp(max=last)
+        sampled = torch.where(nucleus, sorted_ids.gather(1, position).squeeze(1), sampled)
     return torch.where(temperature == 0, greedy, sampled)
 
 
@@ -167,18 +177,21 @@ def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingP
         chosen_logp = log_probs.gather(1, choice[:, None]).squeeze(1)
         if want_top:
             top_values, top_ids = log_probs.topk(want_top, dim=-1)
+        # One transfer to Python lists per step: indexing tensors element by element costs more than the
+        # tiny demo model's forward pass.
+        chosen, chosen_lp, finished = choice.tolist(), chosen_logp.tolist(), done.tolist()
         for row in range(rows):
-            if done[row]:
+            if finished[row]:
                 continue
-            if choice[row].item() == eos:
+            if chosen[row] == eos:
                 done[row], stopped[row] = True, True
                 continue
-            tokens[row].append(int(choice[row]))
-            logps[row].append(float(chosen_logp[row]))
+            tokens[row].append(chosen[row])
+            logps[row].append(chosen_lp[row])
             if params[row].top_logprobs:
                 k = params[row].top_logprobs
                 tops[row].append(
-                    {tokenizer.decode([int(i)]): float(v) for i, v in zip(top_ids[row, :k], top_values[row, :k])}
+                    {tokenizer.decode([i]): v for i, v in zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist())}
                 )
         done |= torch.tensor([len(t) for t in tokens], device=device) >= limit
         if step % 4 == 3:  # stop strings are checked every few tokens: decoding each step costs time

@@ -194,8 +194,11 @@ def train_sft(
     """One resumable SFT stage on a prompt/completion dataset, loss on the completion only.
 
     With LoRA the adapter is merged into the saved model unless `keep_adapter` (then only the adapter is
-    saved, and `moalign.generation.load_model` finds its base). Returns timing and token counts. A stage whose `final_dir` exists is skipped (it finished before); an
-    interrupted one resumes from its newest checkpoint in `stage_dir`.
+    saved, and `moalign.generation.load_model` finds its base). A `model_path` that is a LoRA adapter
+    folder keeps training that adapter and saves it as an adapter: a fresh LoRA on top would need merging
+    (losing the shared base) or stack two adapters. Returns timing and token counts. A stage whose
+    `final_dir` exists is skipped (it finished before); an interrupted one resumes from its newest
+    checkpoint in `stage_dir`.
     """
     from trl import SFTTrainer
 
@@ -204,13 +207,17 @@ def train_sft(
         return done
     args = stage_args(config, stage_dir, completion_only_loss=True, **overrides)
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path)
+    adapter = Path(model_path) / "adapter_config.json"
+    if adapter.exists():
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_causal_lm(base), model_path, is_trainable=True)
+        peft_config, keep_adapter = None, True
+    else:
+        model, peft_config = load_causal_lm(model_path), lora_config(config)
     trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(config),
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
@@ -218,11 +225,22 @@ def train_sft(
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     sequences = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
     tokens = int(sequences * sum(lengths) / max(1, len(lengths)))
-    model = trainer.model
-    if config.use_peft and not keep_adapter:
-        model = model.merge_and_unload()  # later stages and policies then load one plain model
-    save_final(model, tokenizer, final_dir)
     stats = {"seconds": seconds, "tokens": tokens, "steps": trainer.state.global_step, "samples": len(dataset)}
+    # merged, later stages and policies load one plain model
+    return finish_stage(
+        trainer.model, tokenizer, final_dir, stage_dir, stats, merge=config.use_peft and not keep_adapter
+    )
+
+
+def finish_stage(
+    model, tokenizer, final_dir: Path, stage_dir: Path, stats: dict[str, Any], merge: bool
+) -> dict[str, Any]:
+    """Save a trained stage: merge its LoRA adapter if asked, save, write the marker last (a folder holding it
+    is complete, and a rerun skips it) and drop the stage's checkpoints. Returns `stats`."""
+    if merge:
+        model = model.merge_and_unload()
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    save_final(model, tokenizer, final_dir)
     (final_dir / STAGE_MARKER).write_text(json.dumps(stats))
     shutil.rmtree(stage_dir, ignore_errors=True)
     return stats

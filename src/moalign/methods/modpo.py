@@ -37,13 +37,14 @@ from moalign import data
 from moalign.errors import MoalignError
 from moalign.methods.common import (
     CommonArguments,
+    finish_stage,
+    finished_stage,
     last_checkpoint,
     load_causal_lm,
     load_tokenizer,
     lora_config,
     objective_names,
     parse_config,
-    save_final,
     stage_args,
     write_run_manifest,
 )
@@ -55,7 +56,6 @@ MARGIN_CHOSEN = "margin_chosen"
 MARGIN_REJECTED = "margin_rejected"
 MARGIN_COLUMNS = (MARGIN_CHOSEN, MARGIN_REJECTED)
 DPO_MARGIN = "dpo:"
-STAGE_MARKER = "moalign_stage.json"
 
 
 # --------------------------------------------------------------------------------------------------- the loss
@@ -651,10 +651,9 @@ def train_preference_stage(
     An interrupted stage resumes from its newest checkpoint in `stage_dir`. With LoRA the adapter is merged
     into the saved model unless `save_adapters` (`moalign.generation.load_model` reads either).
     """
-    marker = final_dir / STAGE_MARKER
-    if marker.exists():
+    if (done := finished_stage(final_dir)) is not None:
         log.info(f"{final_dir.name}: already trained, skipping")
-        return json.loads(marker.read_text())
+        return done
     args = stage_args(config, stage_dir)
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
@@ -667,10 +666,6 @@ def train_preference_stage(
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
     seconds = time.perf_counter() - start
-    trained = trainer.model
-    if config.use_peft and not config.save_adapters:
-        trained = trained.merge_and_unload()  # one plain model; adapters: the policy loads base + adapter
-    save_final(trained, tokenizer, final_dir)
     stats = {
         "seconds": seconds,
         "tokens": _token_count(trainer),
@@ -679,9 +674,9 @@ def train_preference_stage(
     }
     if weights is not None:
         stats["weights"] = list(weights)
-    (final_dir / STAGE_MARKER).write_text(json.dumps(stats))
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    return stats
+    # merged: one plain model; adapters: the policy loads base + adapter
+    merge = config.use_peft and not config.save_adapters
+    return finish_stage(trainer.model, tokenizer, final_dir, stage_dir, stats, merge=merge)
 
 
 def _pairs_manifest(config: Any) -> dict[str, Any]:

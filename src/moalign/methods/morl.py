@@ -35,11 +35,12 @@ from moalign import data
 from moalign.errors import MoalignError
 from moalign.methods.common import (
     CommonArguments,
+    finish_stage,
+    finished_stage,
     last_checkpoint,
     load_tokenizer,
     lora_config,
     parse_config,
-    save_final,
     write_run_manifest,
 )
 from moalign.methods.ppo import PPOArguments, train_ppo
@@ -243,10 +244,9 @@ def train_trl(
     """One resumable RLOO or GRPO stage through TRL's trainer; skipped when `final_dir` is complete."""
     from trl import GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    marker = final_dir / "moalign_stage.json"
-    if marker.exists():
+    if (done := finished_stage(final_dir)) is not None:
         log.info(f"stage {final_dir.name}: already trained, skipping")
-        return json.loads(marker.read_text())
+        return done
     trainer_class, config_class = {"rloo": (RLOOTrainer, RLOOConfig), "grpo": (GRPOTrainer, GRPOConfig)}[
         config.algorithm
     ]
@@ -270,9 +270,6 @@ def train_trl(
     if not trainer.accelerator.is_main_process:  # under `accelerate launch` one process writes the model
         return {}
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if config.use_peft and not config.save_adapter:
-        model = model.merge_and_unload()
-    save_final(model, tokenizer, final_dir)
     stats = {
         "seconds": seconds,
         "tokens": int(max((entry.get("num_tokens", 0) for entry in logs), default=0)),
@@ -281,9 +278,9 @@ def train_trl(
         "score_last": logs[-1]["reward"] if logs else None,
         "kl_last": logs[-1].get("kl") if logs else None,
     }
-    marker.write_text(json.dumps(stats))
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    return stats
+    return finish_stage(
+        model, tokenizer, final_dir, stage_dir, stats, merge=config.use_peft and not config.save_adapter
+    )
 
 
 def train(config: MORLConfig) -> Path:

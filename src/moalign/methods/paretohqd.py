@@ -41,12 +41,7 @@ from moalign import data
 from moalign.errors import MoalignError
 from moalign.methods.common import (
     CommonArguments,
-    last_checkpoint,
-    load_causal_lm,
-    load_tokenizer,
     parse_config,
-    save_final,
-    stage_args,
     train_sft,
     write_run_manifest,
 )
@@ -374,49 +369,11 @@ def completions(frame: pd.DataFrame, rows: np.ndarray) -> datasets.Dataset:
     )
 
 
-def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").exists()
-
-
-def continue_adapter(
-    adapter_dir: Path, dataset: datasets.Dataset, config: ParetoHqDConfig, stage_dir: Path, final_dir: Path, **overrides
-) -> dict[str, Any]:
-    """Like `train_sft`, but keeps training an existing LoRA adapter (stage 2 with `save_adapters`).
-
-    A fresh LoRA on top would either need merging (losing the shared base) or stack two adapters.
-    """
-    from peft import PeftModel
-    from trl import SFTTrainer
-
-    marker = final_dir / "moalign_stage.json"
-    if marker.exists():
-        log.info(f"stage {final_dir.name}: already trained, skipping")
-        return json.loads(marker.read_text())
-    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(load_causal_lm(base), str(adapter_dir), is_trainable=True)
-    tokenizer = load_tokenizer(str(adapter_dir))
-    args = stage_args(config, stage_dir, completion_only_loss=True, **overrides)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
-    seconds = time.perf_counter() - start
-    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-    sequences = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
-    tokens = int(sequences * sum(lengths) / max(1, len(lengths)))
-    save_final(trainer.model, tokenizer, final_dir)
-    stats = {"seconds": seconds, "tokens": tokens, "steps": trainer.state.global_step, "samples": len(dataset)}
-    marker.write_text(json.dumps(stats))
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    return stats
-
-
 def train_one(
     model_path: str, dataset: datasets.Dataset, config: ParetoHqDConfig, stage_dir: Path, final_dir: Path, steps: int
 ) -> dict[str, Any]:
     """One preference's SFT stage, from the base model or from its stage-1 model (full or adapter)."""
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    if is_adapter(model_path):
-        return continue_adapter(Path(model_path), dataset, config, stage_dir, final_dir, max_steps=steps)
     keep = bool(config.use_peft and config.save_adapters)
     return train_sft(model_path, dataset, config, stage_dir, final_dir, keep_adapter=keep, max_steps=steps)
 

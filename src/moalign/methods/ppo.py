@@ -24,7 +24,6 @@ The learning rate is constant (no scheduler) and the loop runs in one process on
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from torch import nn
 
 from moalign.errors import MoalignError
 from moalign.generation import SamplingParams, generate, pick_device, prepare_tokenizer
-from moalign.methods.common import lora_config, save_final
+from moalign.methods.common import finish_stage, finished_stage, lora_config
 
 log = logging.getLogger("moalign")
 
@@ -389,10 +388,9 @@ def train_ppo(
     """
     from moalign.methods.common import load_tokenizer
 
-    marker = final_dir / "moalign_stage.json"
-    if marker.exists():
+    if (done := finished_stage(final_dir)) is not None:
         log.info(f"stage {final_dir.name}: already trained, skipping")
-        return json.loads(marker.read_text())
+        return done
     check_config(config)
     if not prompts:
         raise MoalignError("no training prompts")
@@ -431,10 +429,6 @@ def train_ppo(
             )
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             ppo.save_checkpoint(stage_dir, step + 1, history)
-    model = ppo.policy
-    if ppo.peft and not keep_adapter:
-        model = model.merge_and_unload()
-    save_final(model, tokenizer, final_dir)
     stats = {
         "seconds": sum(r["seconds"] for r in history),  # every session's steps, resumed or not
         "tokens": sum(r["tokens"] for r in history),
@@ -444,6 +438,4 @@ def train_ppo(
         "score_last": history[-1]["score"] if history else None,
         "kl_last": history[-1]["kl"] if history else None,
     }
-    marker.write_text(json.dumps(stats))
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    return stats
+    return finish_stage(ppo.policy, tokenizer, final_dir, stage_dir, stats, merge=ppo.peft and not keep_adapter)

@@ -30,11 +30,12 @@ from moalign import data
 from moalign.errors import MoalignError
 from moalign.methods.common import (
     CommonArguments,
+    finish_stage,
+    finished_stage,
     last_checkpoint,
     load_tokenizer,
     lora_config,
     parse_config,
-    save_final,
     stage_args,
     write_run_manifest,
 )
@@ -143,10 +144,9 @@ def train_principle(config: PMConfig, principle: str, pairs: pd.DataFrame, run_d
     from trl import RewardTrainer
 
     final = run_dir / PRINCIPLES_DIR / principle
-    marker = final / "moalign_stage.json"
-    if marker.exists():
+    if (done := finished_stage(final)) is not None:
         log.info(f"principle {principle}: already trained, skipping")
-        return json.loads(marker.read_text())
+        return done
     columns = {
         "chosen": [join_text(p, c) for p, c in zip(pairs["prompt"], pairs["chosen"])],
         "rejected": [join_text(p, r) for p, r in zip(pairs["prompt"], pairs["rejected"])],
@@ -171,20 +171,14 @@ def train_principle(config: PMConfig, principle: str, pairs: pd.DataFrame, run_d
         log.warning(f"principle {principle}: {len(pairs) - kept} pairs longer than max_length are not trained on")
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
-    model = trainer.model
-    if config.use_peft:
-        model = model.merge_and_unload()  # `pm:` and `hf:` then load one plain classifier
-    final.parent.mkdir(parents=True, exist_ok=True)
-    save_final(model, tokenizer, final)
     stats = {
         "seconds": time.perf_counter() - start,
         "steps": trainer.state.global_step,
         "train_pairs": kept,
         "train_loss": next((e["train_loss"] for e in trainer.state.log_history if "train_loss" in e), None),
     }
-    marker.write_text(json.dumps(stats))
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    return stats
+    # merged: `pm:` and `hf:` then load one plain classifier
+    return finish_stage(trainer.model, tokenizer, final, stage_dir, stats, merge=config.use_peft)
 
 
 # ----------------------------------------------------------------------------- evaluation

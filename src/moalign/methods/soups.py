@@ -136,8 +136,9 @@ def _architecture(folder: Path) -> dict[str, Any] | None:
 
 def _stage_stats(folder: Path) -> dict[str, Any]:
     """What training the ingredient cost, from the marker its method left beside the weights."""
-    marker = folder / "moalign_stage.json"
-    return json.loads(marker.read_text()) if marker.exists() else {}
+    from moalign.methods.common import finished_stage
+
+    return finished_stage(folder) or {}
 
 
 def train(config: SoupsConfig) -> Path:
