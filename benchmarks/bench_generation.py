@@ -16,7 +16,7 @@ from moalign.generation import SamplingParams, generate, load_model
 BATCH = 64
 
 
-def model_and_prompts() -> tuple[Path, list[str], str]:
+def model_and_prompts() -> tuple[Path, list[str]]:
     """The embedded demo's base model and its test prompts, repeated to one full batch."""
     from moalign.demo.task import prepare_task
 
@@ -24,7 +24,7 @@ def model_and_prompts() -> tuple[Path, list[str], str]:
     prompts = list(task.test_prompts)
     while len(prompts) < BATCH:
         prompts += prompts
-    return Path(task.base_model), prompts[:BATCH], "demo base model"
+    return Path(task.base_model), prompts[:BATCH]
 
 
 def tokens_per_second(model, tokenizer, prompts, params, batch_size: int, repeats: int) -> tuple[float, int, float]:
@@ -40,7 +40,7 @@ def tokens_per_second(model, tokenizer, prompts, params, batch_size: int, repeat
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    path, prompts, which = model_and_prompts()
+    path, prompts = model_and_prompts()
     model, tokenizer = load_model(str(path), device="auto")
     new_tokens = 16 if quick else 48
     n_single = 8 if quick else 16  # one-at-a-time is slow; its rate is stable after a few prompts
@@ -75,6 +75,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
             "metric": "model",
             "value": size / 1e6,
             "unit": "M parameters",
-            "note": f"{which}; {device}; {new_tokens} new tokens, temperature 1",
+            "note": f"demo base model; {device}; {new_tokens} new tokens, temperature 1",
         },
     ]

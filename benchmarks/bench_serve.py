@@ -28,7 +28,7 @@ MAX_TOKENS = 32
 THREADS = "1"
 
 
-def make_run(workdir: Path) -> tuple[Path, list[str], str]:
+def make_run(workdir: Path) -> tuple[Path, list[str]]:
     """A `base` run directory naming the embedded demo's base model, and the demo's test prompts."""
     from moalign.demo.task import prepare_task
     from moalign.run import write_manifest
@@ -40,7 +40,7 @@ def make_run(workdir: Path) -> tuple[Path, list[str], str]:
         run_dir,
         {"method": "base", "model": str(model), "objective_names": ["a", "b"], "objectives": ["length", "brevity"]},
     )
-    return run_dir, prompts, "demo base model"
+    return run_dir, prompts
 
 
 def free_port() -> int:
@@ -140,7 +140,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     clients = 50 if quick else 200
     limit_s = 240.0 if quick else 480.0
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir, prompts, which = make_run(Path(tmp))
+        run_dir, prompts = make_run(Path(tmp))
         batched = measure(run_dir, prompts, clients, limit_s)
         alone = measure(run_dir, prompts, clients, limit_s, "--no-batching")
     rows: list[dict[str, Any]] = []
@@ -175,7 +175,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             "metric": "clients",
             "value": clients,
             "unit": "clients",
-            "note": f"{which}; loopback HTTP",
+            "note": "demo base model; loopback HTTP",
         },
     ]
     return rows
