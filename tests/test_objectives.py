@@ -55,6 +55,14 @@ def test_relevance_with_bundled_minilm():
     assert np.all(np.abs(scores) <= 1.0 + 1e-6)
 
 
+def test_relevance_precisions_agree_but_are_cached_apart():
+    prompts = ["How do I cook rice?"] * 2
+    responses = ["Rinse the rice and simmer it in water.", "The stock market fell today."]
+    full, half = objectives.build("relevance?dtype=float32"), objectives.build("relevance?dtype=bfloat16")
+    assert np.allclose(full.score(prompts, responses), half.score(prompts, responses), atol=0.02)
+    assert full.cache_key != half.cache_key
+
+
 def user_scorer(prompts, responses, bonus=0.0):
     return [len(r) + bonus for r in responses]
 

@@ -153,7 +153,6 @@ def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingP
         raise MoalignError("prompts tokenize to nothing; give non-empty prompts")
     rows = len(prompts)
     max_new = max(p.max_new_tokens for p in params)
-    limit = torch.tensor([p.max_new_tokens for p in params], device=device)
     temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
     top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
     generators = [torch.Generator().manual_seed(int(p.seed)) for p in params]
@@ -163,46 +162,56 @@ def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingP
     # transformers 5 renames `past_key_values` to `cache` model by model; use whichever this one takes.
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    # Only the last position's logits are needed: projecting every prompt token onto the vocabulary is waste.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **last_only)
     past, logits = getattr(out, cache_name), out.logits[:, -1]
     next_position = positions[:, -1] + 1
     tokens: list[list[int]] = [[] for _ in range(rows)]
     logps: list[list[float]] = [[] for _ in range(rows)]
     tops: list[list[dict[str, float]]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
     stopped = [False] * rows
+    active = list(range(rows))  # rows still generating, in their order within the shrinking batch
     for step in range(max_new):
-        choice = _sample(logits, temperature, top_p, generators)
+        index = torch.tensor(active, device=device)
+        choice = _sample(logits, temperature[index], top_p[index], [generators[row] for row in active])
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         chosen_logp = log_probs.gather(1, choice[:, None]).squeeze(1)
         if want_top:
             top_values, top_ids = log_probs.topk(want_top, dim=-1)
         # One transfer to Python lists per step: indexing tensors element by element costs more than the
         # tiny demo model's forward pass.
-        chosen, chosen_lp, finished = choice.tolist(), chosen_logp.tolist(), done.tolist()
-        for row in range(rows):
-            if finished[row]:
+        chosen, chosen_lp = choice.tolist(), chosen_logp.tolist()
+        finished = set()
+        for j, row in enumerate(active):
+            if chosen[j] == eos:
+                stopped[row] = True
+                finished.add(j)
                 continue
-            if chosen[row] == eos:
-                done[row], stopped[row] = True, True
-                continue
-            tokens[row].append(chosen[row])
-            logps[row].append(chosen_lp[row])
+            tokens[row].append(chosen[j])
+            logps[row].append(chosen_lp[j])
             if params[row].top_logprobs:
                 k = params[row].top_logprobs
                 tops[row].append(
-                    {tokenizer.decode([i]): v for i, v in zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist())}
+                    {tokenizer.decode([i]): v for i, v in zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist())}
                 )
-        done |= torch.tensor([len(t) for t in tokens], device=device) >= limit
-        if step % 4 == 3:  # stop strings are checked every few tokens: decoding each step costs time
-            for row in range(rows):
-                if not done[row] and params[row].stop:
-                    _, hit = _cut_at_stop(tokenizer.decode(tokens[row]), params[row].stop)
-                    if hit:
-                        done[row], stopped[row] = True, True
-        if bool(done.all()):
+            if len(tokens[row]) >= params[row].max_new_tokens:
+                finished.add(j)
+            # Stop strings are checked every few tokens: decoding each step costs time.
+            elif (
+                step % 4 == 3 and params[row].stop and _cut_at_stop(tokenizer.decode(tokens[row]), params[row].stop)[1]
+            ):
+                stopped[row] = True
+                finished.add(j)
+        if len(finished) == len(active):
             break
-        attention = torch.cat([attention, torch.ones(rows, 1, dtype=attention.dtype, device=device)], dim=1)
+        if finished:  # finished rows leave the batch with their KV cache rows: they stop costing compute
+            keep = [j for j in range(len(active)) if j not in finished]
+            kept = torch.tensor(keep, device=device)
+            past.batch_select_indices(kept)
+            choice, attention, next_position = choice[kept], attention[kept], next_position[kept]
+            active = [active[j] for j in keep]
+        attention = torch.cat([attention, torch.ones(len(attention), 1, dtype=attention.dtype, device=device)], dim=1)
         out = model(
             input_ids=choice[:, None],
             attention_mask=attention,
