@@ -70,6 +70,10 @@ def test_format_prompt_round_trip():
     assert parse_prompt(format_prompt(tricky, [1, 2, 3], template), template)[0] == tricky
     custom = RewardTemplate(tags=["[a]", "[b]"], number_format="{:+.2f}")
     assert format_prompt("plain prompt", [0.5, -1], custom) == "plain prompt [a] +0.50 [b] -1.00"
+    # Zero is written one way whatever its sign, in every format.
+    whole = RewardTemplate(tags=["[a]", "[b]"], number_format="{:.0f}")
+    assert format_prompt("p", [-0.3, 0.3], whole) == "p [a] 0 [b] 0"
+    assert format_prompt("p", [-0.001, 0.001], custom) == "p [a] +0.00 [b] +0.00"
 
 
 def test_mors_target_sampler():

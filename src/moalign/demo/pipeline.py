@@ -59,7 +59,7 @@ def method_config(config_class, yaml_path: Path, **values):
     return parse_config(config_class, argv)
 
 
-def train_demo_runs(out: Path, configs: Path = REPO_CONFIGS, n_eval_prompts: int = 64) -> dict[str, float]:
+def train_demo_runs(out: Path, configs: Path = REPO_CONFIGS, n_eval_prompts: int = 128) -> dict[str, float]:
     """Train (or reuse) the base, SFT and RiC runs of the demo under `out`; returns seconds per step."""
     from moalign.demo.task import prepare_task
     from moalign.methods import ric, sft
@@ -136,7 +136,7 @@ def cli(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="moalign demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/demo", help="where the three runs and the report go")
     parser.add_argument("--configs", default=str(REPO_CONFIGS), help="folder with ric_demo.yaml and sft_demo.yaml")
-    parser.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per preference")
+    parser.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per preference")
     parser.add_argument("--divisions", type=int, default=10, help="preference grid resolution")
     args = parser.parse_args(argv)
     run_demo(Path(args.output_dir), Path(args.configs), args.eval_prompts, args.divisions)

@@ -51,7 +51,8 @@ class RewardTemplate:
 
     def render(self, value: float) -> str:
         text = self.number_format.format(value)
-        return "0.0" if text in {"-0.0", "-0"} else text  # "-0.0" and "0.0" must be one prompt
+        # A value that rounds to zero is written as zero is, whatever its sign: "-0" and "0" are one prompt.
+        return self.number_format.format(0.0) if float(text) == 0 else text
 
 
 def format_prompt(prompt: str, rewards: np.ndarray | list[float], template: RewardTemplate) -> str:
