@@ -125,7 +125,7 @@ def run_demo(out: Path, configs: Path, n_eval_prompts: int, divisions: int) -> P
     print(f"{'run':<6} {'hypervolume':>12} {'collapse':>9}  steerability ({', '.join(names)})")
     for run, result in zip(("base", "sft", "ric"), results):
         # A fixed model's steerability is undefined (its points do not move): shown as n/a.
-        steer = ", ".join("n/a" if np.isnan(s := result["steerability"][n]) else f"{s:+.2f}" for n in names)
+        steer = ", ".join("n/a" if np.isnan(s := result["steerability"][n]) else f"{s:+.3f}" for n in names)
         print(f"{run:<6} {result['hypervolume']:12.4f} {result['collapse_rate']:9.3f}  {steer}")
     print(f"reference point: {np.round(results[0]['reference_point'], 4).tolist()}")
     print(f"report: {out / 'report.html'}\nplot:   {out / 'fronts.png'}")
