@@ -45,6 +45,7 @@ def _draw_pair(ax, fronts: Sequence[dict[str, Any]], i: int, j: int, annotate: b
     """Objective i on x, objective j on y: a line through the grid, non-dominated points filled."""
     names = fronts[0]["objectives"]
     colors = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    labels: list[tuple[float, float, str, str]] = []
     for index, front in enumerate(fronts):
         color = colors[index % len(colors)]
         points = np.asarray(front["points"], dtype=float)
@@ -57,15 +58,7 @@ def _draw_pair(ax, fronts: Sequence[dict[str, Any]], i: int, j: int, annotate: b
             shared: dict[tuple[float, float], list[str]] = {}
             for preference, (x, y) in zip(front["preferences"], points[:, [i, j]]):
                 shared.setdefault((float(x), float(y)), []).append(_weight_label(preference))
-            for (x, y), labels in shared.items():
-                ax.annotate(
-                    labels[0] if len(labels) == 1 else f"{labels[0]}…{labels[-1]}",
-                    (x, y),
-                    textcoords="offset points",
-                    xytext=(4, 4 + 9 * index),
-                    fontsize=7,
-                    color=color,
-                )
+            labels += [(x, y, ws[0] if len(ws) == 1 else f"{ws[0]}…{ws[-1]}", color) for (x, y), ws in shared.items()]
     reference = fronts[0].get("reference_point")
     if reference is not None:
         ax.scatter([reference[i]], [reference[j]], marker="x", color="black", s=50, zorder=4, label="reference point")
@@ -75,6 +68,25 @@ def _draw_pair(ax, fronts: Sequence[dict[str, Any]], i: int, j: int, annotate: b
     ax.set_xlabel(f"{names[i]} (mean)")
     ax.set_ylabel(f"{names[j]} (mean)")
     ax.grid(alpha=0.3)
+    _place_labels(ax, labels)
+
+
+def _place_labels(ax, labels: list[tuple[float, float, str, str]]) -> None:
+    """Write each label beside its point: above-right, else below-right, above-left, below-left, else further
+    out, whichever first covers no label already placed (close points would otherwise write over each other)."""
+    scale = ax.figure.dpi / 72  # points → pixels
+    placed: list[tuple[float, float, float, float]] = []  # left, bottom, right, top of each label, in pixels
+    for x, y, text, color in labels:
+        px, py = ax.transData.transform((x, y))
+        width, height = 4.5 * len(text), 8.0  # a 7-point label, in points
+        candidates = [(4, 3), (4, -3 - height), (-4 - width, 3), (-4 - width, -3 - height)]
+        candidates += [(4, 3 + k * height) for k in (1, -2, 2, -3)]
+        for dx, dy in candidates:
+            box = (px + dx * scale, py + dy * scale, px + (dx + width) * scale, py + (dy + height) * scale)
+            if not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in placed):
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, color=color, zorder=5)
 
 
 def plot_fronts(fronts: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
