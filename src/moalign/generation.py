@@ -159,11 +159,12 @@ def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingP
     want_top = max(p.top_logprobs for p in params)
     eos = tokenizer.eos_token_id
 
+    accepted = inspect.signature(model.forward).parameters
     # transformers 5 renames `past_key_values` to `cache` model by model; use whichever this one takes.
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = "cache" if "cache" in accepted else "past_key_values"
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     # Only the last position's logits are needed: projecting every prompt token onto the vocabulary is waste.
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **last_only)
     past, logits = getattr(out, cache_name), out.logits[:, -1]
     next_position = positions[:, -1] + 1
@@ -171,10 +172,9 @@ def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingP
     logps: list[list[float]] = [[] for _ in range(rows)]
     tops: list[list[dict[str, float]]] = [[] for _ in range(rows)]
     stopped = [False] * rows
-    active = list(range(rows))  # rows still generating, in their order within the shrinking batch
+    active = list(range(rows))  # rows still generating; their settings and generators shrink with the batch
     for step in range(max_new):
-        index = torch.tensor(active, device=device)
-        choice = _sample(logits, temperature[index], top_p[index], [generators[row] for row in active])
+        choice = _sample(logits, temperature, top_p, generators)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         chosen_logp = log_probs.gather(1, choice[:, None]).squeeze(1)
         if want_top:
@@ -210,7 +210,8 @@ def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingP
             kept = torch.tensor(keep, device=device)
             past.batch_select_indices(kept)
             choice, attention, next_position = choice[kept], attention[kept], next_position[kept]
-            active = [active[j] for j in keep]
+            temperature, top_p = temperature[kept], top_p[kept]
+            active, generators = [active[j] for j in keep], [generators[j] for j in keep]
         attention = torch.cat([attention, torch.ones(len(attention), 1, dtype=attention.dtype, device=device)], dim=1)
         out = model(
             input_ids=choice[:, None],

@@ -26,10 +26,10 @@ class Relevance(Objective):
     def __init__(self, argument: str = "", batch_size: int = 32, device: str = "cpu", dtype: str = "auto"):
         from sentence_transformers import SentenceTransformer
 
-        self.model_path = argument or default_embedding_model()
-        self.model = SentenceTransformer(self.model_path, device=device)
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise MoalignError(f"relevance dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+        self.model_path = argument or default_embedding_model()
+        self.model = SentenceTransformer(self.model_path, device=device)
         self.dtype = native_bfloat16(device) if dtype == "auto" else getattr(torch, dtype)
         self.model.to(self.dtype)
         self.batch_size = batch_size
