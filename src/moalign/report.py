@@ -104,12 +104,12 @@ def plot_fronts(fronts: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pa
         ax.set_ylabel(f"{names[0]} (mean)")
     elif n == 2:
         fig, ax = plt.subplots(figsize=(6.5, 5))
-        _draw_pair(ax, fronts, 0, 1, annotate=len(fronts) <= 3)  # more runs: the labels would hide the lines
-        ax.set_title(
-            "fronts over the preference grid" + (" (labels: w1)" if len(fronts) <= 3 else "")
-            if len(fronts) > 1
-            else _label(fronts[0])
-        )
+        annotate = len(fronts) <= 3  # more runs: the labels would hide the lines
+        _draw_pair(ax, fronts, 0, 1, annotate=annotate)
+        if len(fronts) == 1:
+            ax.set_title(_label(fronts[0]))
+        else:
+            ax.set_title("fronts over the preference grid" + (" (labels: w1)" if annotate else ""))
         ax.legend(fontsize=8, loc="best")
     else:
         pairs = list(itertools.combinations(range(n), 2))[:MAX_PANELS]

@@ -373,7 +373,6 @@ def train_one(
     model_path: str, dataset: datasets.Dataset, config: ParetoHqDConfig, stage_dir: Path, final_dir: Path, steps: int
 ) -> dict[str, Any]:
     """One preference's SFT stage, from the base model or from its stage-1 model (full or adapter)."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
     keep = bool(config.use_peft and config.save_adapters)
     return train_sft(model_path, dataset, config, stage_dir, final_dir, keep_adapter=keep, max_steps=steps)
 
