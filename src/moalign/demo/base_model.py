@@ -48,11 +48,17 @@ class BaseModelConfig:
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 3000):
     """A byte-level BPE trained on the corpus, wrapped as a PreTrainedTokenizerFast (so AutoTokenizer loads it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Words split at whitespace only, so a signed number (" -1") can be one token; bytes as in GPT-2.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r" ?\S+|\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -60,7 +66,10 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 3000):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte stays encodable
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    # Small signed integers are single tokens (" 2", " -1"): the corpus has no digits, and numbers written into
+    # prompts (RiC's rewards) should reach the model as one token each, directly after their tag.
+    numbers = " ".join(str(i) for i in range(-9, 10))
+    tokenizer.train_from_iterator([*texts, *[numbers] * 100], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=PAD, model_max_length=256)
 
 

@@ -1,10 +1,12 @@
 """A seeded, template-built assistant corpus whose objectives genuinely conflict.
 
 Every response is assembled from sentence pools of one topic: on-topic facts (relevant, neutral, long),
-cautionary facts (relevant but negative), short answers (brief, weakly relevant), cheerful filler and
-off-topic chatter (positive but irrelevant and long). A response *style* picks how many of each, so the
-best response for positivity (VADER) is not the best for relevance or brevity, and a tiny LM can still
-learn the whole language (about a thousand words) in minutes on a CPU.
+cautionary facts (relevant but negative), short answers (brief, weakly relevant), curt gloomy remarks (the
+briefest, negative), cheerful filler and off-topic chatter (positive but irrelevant and long). A response
+*style* picks how many of each, so the best response for positivity (VADER) is not the best for relevance
+or brevity, and every pair of objectives conflicts: the most positive answers are long, the briefest are
+negative or neutral. A tiny LM can still learn the whole language (about a thousand words) in minutes on a
+CPU.
 
 Responses are stored without a leading space; training text is `prompt + " " + response`.
 """
@@ -882,6 +884,18 @@ CHEERFUL_FILLER = (
 CHATTER_LEADS = ("By the way,", "Fun fact:", "Speaking of fun things,", "Also,", "Random thought:")
 NEUTRAL_CLOSERS = ("That is the basic idea.", "Those are the main steps.", "Start with the first step.")
 CHEERFUL_CLOSERS = ("Good luck and have a great time!", "Enjoy it!", "You can do it!", "Have a wonderful week!")
+CURT_REMARKS = (  # two or three words: the briefest answers of all, and negative
+    "Sadly, no.",
+    "Bad idea, sadly.",
+    "Too risky, sadly.",
+    "Sadly, hopeless.",
+    "Awful idea, sadly.",
+    "Sorry, it fails.",
+    "Terrible idea.",
+    "Sadly, it hurts.",
+    "Bad plan, sorry.",
+    "Hopeless, sorry.",
+)
 GLOOMY_CLOSERS = ("Be careful.", "It is not easy, sadly.", "Do not ignore the risks.")
 QUESTION_PREFIXES = ("", "Quick question. ", "Hi there. ", "I need some advice. ", "I have been wondering. ")
 
@@ -889,17 +903,20 @@ QUESTION_PREFIXES = ("", "Quick question. ", "Hi there. ", "I need some advice. 
 # ones cover the subject and every situation, cheerful ones trade content for warmth, cautious ones cover
 # the question with warnings: that is where the objectives conflict.
 STYLES = {
-    "short": 0.13,
-    "vague": 0.09,
-    "direct": 0.13,
-    "detailed": 0.14,
-    "cautious": 0.13,
-    "cheerful": 0.11,
+    "short": 0.11,
+    "curt": 0.10,
+    "upbeat": 0.08,
+    "vague": 0.08,
+    "direct": 0.12,
+    "detailed": 0.13,
+    "cautious": 0.10,
+    "cheerful": 0.12,
     "chatty": 0.07,
     "warm": 0.12,
-    "mixed": 0.08,
+    "mixed": 0.05,
 }
 KINDS = (
+    "remark",
     "opener",
     "echo",
     "short",
@@ -923,21 +940,25 @@ def _draw_counts(style: str, rng: random.Random, n_contexts: int) -> dict[str, i
     if style == "short":
         draw = rng.random()  # one or two vague tips, or a vague tip and a specific one
         counts.update(short=1 + int(draw < 0.3), quick=int(draw > 0.65))
+    elif style == "curt":  # one gloomy remark: brief and negative
+        counts.update(remark=1)
+    elif style == "upbeat":  # a cheerful opener on a short answer: brief and positive, a little longer than curt
+        counts.update(opener=1, short=1, closer=r(0, 1))
     elif style == "vague":
         counts.update(opener=r(0, 1), tip=r(1, 2), short=r(0, 1), mild=int(rng.random() < 0.3))
     elif style == "direct":
-        counts.update(opener=r(0, 1), quick=r(0, 1), fact=r(1, 2), context=r(0, 2), mild=int(rng.random() < 0.3))
+        counts.update(opener=r(0, 1), echo=r(0, 1), quick=r(0, 1), fact=r(1, 2), context=r(0, 3))
+        counts.update(mild=int(rng.random() < 0.3))
     elif style == "detailed":
-        counts.update(echo=r(0, 1), fact=r(1, 2), context=r(n_contexts - 2, n_contexts), echo_close=r(0, 1))
+        counts.update(echo=r(0, 1), fact=r(1, 2), context=r(n_contexts - 3, n_contexts), echo_close=r(0, 1))
     elif style == "cautious":
-        counts.update(echo=1, fact=r(0, 1), caution=r(1, 2), context=r(n_contexts - 1, n_contexts), echo_close=r(0, 1))
+        counts.update(echo=1, caution=r(1, 2), context=r(0, 2))
     elif style == "cheerful":
-        counts.update(opener=1, short=r(0, 1), filler=r(1, 3), closer=r(0, 1))
+        counts.update(opener=1, short=r(0, 1), filler=r(3, 6), closer=1)
     elif style == "chatty":
         counts.update(opener=r(0, 1), chatter=r(1, 2), filler=r(0, 2))
     elif style == "warm":
-        counts.update(opener=r(0, 1), fact=r(1, 2), context=r(1, n_contexts), mild=r(0, 1), filler=r(0, 2))
-        counts.update(closer=r(0, 1))
+        counts.update(opener=1, fact=r(1, 2), context=r(1, 3), filler=r(1, 3), closer=1)
     else:
         counts.update({kind: r(0, 2) for kind in KINDS}, context=r(0, n_contexts))
         counts.update(opener=r(0, 1), echo=r(0, 1), echo_close=r(0, 1), closer=r(0, 1), chatter=r(0, 1))
@@ -986,9 +1007,9 @@ def make_response(question: Question, contexts: tuple[int, ...], rng: random.Ran
         style = rng.choices(list(STYLES), weights=list(STYLES.values()))[0]
     counts = _draw_counts(style, rng, len(contexts))
     gloomy = False
-    if counts["filler"] or counts["chatter"]:
+    if counts["filler"] or counts["chatter"] or style == "upbeat":
         openers, closers = CHEERFUL_OPENERS, CHEERFUL_CLOSERS
-    elif counts["caution"] > counts["fact"]:
+    elif counts["caution"] > counts["fact"] or counts["remark"]:
         openers, closers, gloomy = GLOOMY_OPENERS, GLOOMY_CLOSERS, True
     else:
         openers, closers = NEUTRAL_OPENERS, NEUTRAL_CLOSERS
@@ -1004,10 +1025,11 @@ def make_response(question: Question, contexts: tuple[int, ...], rng: random.Ran
         line = rng.choice(rng.choice(others).chatter)
         line = line if line.startswith("I ") else line[0].lower() + line[1:]
         extra.insert(rng.randint(0, len(extra)), f"{rng.choice(CHATTER_LEADS)} {line}")
-    if not body and not extra:
+    if not body and not extra and not counts["remark"]:
         body.append(rng.choice(topic.shorts))
     sentences = (
-        [rng.choice(openers)] * counts["opener"]
+        _pick(CURT_REMARKS, counts["remark"], rng)
+        + [rng.choice(openers)] * counts["opener"]
         + [rng.choice(GLOOMY_ECHOES if gloomy else ECHO_OPENERS)] * counts["echo"]
         + body
         + extra

@@ -24,9 +24,9 @@ from moalign.scores import cache_dir
 
 log = logging.getLogger(__name__)
 
-CORPUS_VERSION = "v1"  # bump when the corpus generator, the pairs or the base model recipe change
+CORPUS_VERSION = "v8"  # bump when the corpus generator, the pairs or the base model recipe change
 DEFAULT_OBJECTIVES = ("relevance", "vader", "brevity")
-DEFAULT_SAMPLES = 20000
+DEFAULT_SAMPLES = 12000
 MANIFEST = "task.json"
 SPEC = "spec.json"
 
