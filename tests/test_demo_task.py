@@ -86,8 +86,8 @@ def test_base_model_reloads_and_generates(task: DemoTask):
     assert 1000 < len(tokenizer) <= 3000
     text = task.test_prompts[0] + " Sure."
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level BPE round-trips
-    # Signed small integers (RiC's rewards) are one token each, as in the tokenizers of real LMs.
-    assert all(len(tokenizer.tokenize(f" {i}")) == 1 for i in range(-9, 10))
+    # Small signed integers (RiC's whole z-scores) are one token each, as in the tokenizers of real LMs.
+    assert all(len(tokenizer.tokenize(f" {i}")) == 1 for i in range(-3, 4))
     completions = generate(model, tokenizer, task.test_prompts[:2], SamplingParams(max_new_tokens=8, seed=1))
     assert len(completions) == 2 and all(c.token_ids for c in completions)
     metrics = task.base_metrics
