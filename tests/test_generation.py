@@ -108,3 +108,22 @@ def test_nucleus_and_full_rows_share_a_batch_without_changing_each_other(lm):
     batch = generate(model, tokenizer, [PROMPTS[0], PROMPTS[2]], [full, nucleus])
     assert batch[0].token_ids == generate(model, tokenizer, [PROMPTS[0]], [full])[0].token_ids
     assert batch[1].token_ids == generate(model, tokenizer, [PROMPTS[2]], [nucleus])[0].token_ids
+
+
+def test_streamed_tokens_join_to_each_rows_completion(lm):
+    """The streaming hook: every row's pieces join to its token ids, in order, and it finishes exactly once,
+    with row indices counted over the whole call (across batches)."""
+    model, tokenizer = lm
+    rows = [sampled(seed, max_new_tokens=3 + 2 * seed) for seed in range(len(PROMPTS))]
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+    finished: list[int] = []
+
+    def on_tokens(row: int, ids: list[int], done: bool) -> None:
+        assert row not in finished  # nothing arrives after a row's last call
+        streamed[row] += ids
+        if done:
+            finished.append(row)
+
+    completions = generate(model, tokenizer, PROMPTS, rows, batch_size=3, on_tokens=on_tokens)
+    assert sorted(finished) == list(range(len(PROMPTS)))
+    assert [streamed[i] for i in range(len(PROMPTS))] == [c.token_ids for c in completions]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +46,14 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     top_logprobs: list[dict[str, float]] = field(default_factory=list)
     prompt_tokens: int = 0
+
+
+# Streaming hook: `on_tokens(row_index, new_token_ids, finished)`, row_index being the prompt's index in the
+# call. Called from the decode loop at every host sync with the row's tokens sampled since its last call
+# (EOS excluded), and exactly once per row with finished=True (new_token_ids may then be empty). Tokens are
+# sent before stop strings are checked: a streaming client holds back text that could start a stop string,
+# and the returned Completion holds the final, cut text.
+TokenCallback = Callable[[int, list[int], bool], None]
 
 
 def pick_device(device: str = "auto") -> str:
@@ -124,8 +132,9 @@ def generate(
     prompts: Sequence[str],
     params: SamplingParams | Sequence[SamplingParams] | None = None,
     batch_size: int = 64,
+    on_tokens: TokenCallback | None = None,
 ) -> list[Completion]:
-    """Sample a completion for every prompt, `batch_size` prompts at a time."""
+    """Sample a completion for every prompt, `batch_size` prompts at a time (`on_tokens`: see TokenCallback)."""
     prompts = list(prompts)
     if not prompts:
         raise MoalignError("no prompts to generate for")
@@ -139,13 +148,16 @@ def generate(
     prepare_tokenizer(tokenizer)
     results: list[Completion] = []
     for start in range(0, len(prompts), batch_size):
+        stream = None if on_tokens is None else (lambda row, ids, done, _at=start: on_tokens(_at + row, ids, done))
         results += _generate_batch(
-            model, tokenizer, prompts[start : start + batch_size], params[start : start + batch_size]
+            model, tokenizer, prompts[start : start + batch_size], params[start : start + batch_size], stream
         )
     return results
 
 
-def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingParams]) -> list[Completion]:
+def _generate_batch(
+    model, tokenizer, prompts: list[str], params: list[SamplingParams], on_tokens: TokenCallback | None
+) -> list[Completion]:
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     input_ids, attention = encoded["input_ids"], encoded["attention_mask"]
@@ -187,6 +199,8 @@ def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingP
             if chosen[j] == eos:
                 stopped[row] = True
                 finished.add(j)
+                if on_tokens is not None:
+                    on_tokens(row, [], True)
                 continue
             tokens[row].append(chosen[j])
             logps[row].append(chosen_lp[j])
@@ -203,6 +217,8 @@ def _generate_batch(model, tokenizer, prompts: list[str], params: list[SamplingP
             ):
                 stopped[row] = True
                 finished.add(j)
+            if on_tokens is not None:
+                on_tokens(row, [chosen[j]], j in finished)
         if len(finished) == len(active):
             break
         if finished:  # finished rows leave the batch with their KV cache rows: they stop costing compute
