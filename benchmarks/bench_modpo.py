@@ -223,7 +223,7 @@ def train_on_demo(task, run_dir: Path, quick: bool) -> dict[str, Any]:
         MODPOConfig,
         base
         + ["--dataset", str(task.pairs_paths[names[0]]), "--objective_index", "0", "--output_dir", str(run_dir)]
-        + ["--end_runs", str(dpo_dir), "--weights", *demo_weights(quick)],
+        + ["--end_runs", str(dpo_dir), "--preferences", *demo_weights(quick)],
     )
     train(modpo)
     totals = [read_manifest(path)["training"] for path in (dpo_dir, run_dir)]

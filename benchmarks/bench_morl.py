@@ -33,9 +33,9 @@ ROOT = HERE.parent / "runs" / "bench"  # shared with bench_methods.py
 SECTION = "MORLHF and Rewarded Soups"
 
 # quick: the simplex's vertices and centre, few steps; full: the YAML as written (grid:4, its max_steps)
-QUICK_FLAGS = ["--weights", "onehot", "uniform", "--max_steps", "20"]
+QUICK_FLAGS = ["--preferences", "onehot", "uniform", "--max_steps", "20"]
 # RLOO with as many completions per step as PPO's rollout (8 prompts × 4 completions)
-RLOO_FLAGS = ["--algorithm", "rloo", "--weights", "0.5,0.5", "--per_device_train_batch_size", "32"]
+RLOO_FLAGS = ["--algorithm", "rloo", "--preferences", "0.5,0.5", "--per_device_train_batch_size", "32"]
 RLOO_FLAGS += ["--gradient_accumulation_steps", "1"]
 
 
@@ -114,7 +114,7 @@ def train_soups_on_demo(task: Any, run_dir: Path, quick: bool, morl_run: Path | 
     morl_run = Path(morl_run) if morl_run else run_dir.parent / "morlhf"
     if not _has_vertices(morl_run):
         morl_run = run_dir.parent / f"{run_dir.name}_ingredients"
-        train_on_demo(task, morl_run, quick, "--weights", "onehot")
+        train_on_demo(task, morl_run, quick, "--preferences", "onehot")
     argv = ["--config", str(SOUPS_CONFIG), "--output_dir", str(run_dir), "--model_name_or_path", str(task.base_model)]
     argv += ["--eval_prompts", str(eval_prompts_file(task, run_dir))]
     config = parse_soups_config(argv)

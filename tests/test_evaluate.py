@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from moalign import cli, policy
+from moalign.data import is_degenerate
 from moalign.errors import MoalignError
 from moalign.evaluate import (
     default_reference_point,
     evaluate_policy,
     evaluate_runs,
     front_metrics,
-    is_degenerate,
     spearman,
 )
 from moalign.generation import Completion
@@ -52,11 +52,10 @@ def expected_response(prompt: str, k: int) -> str:
 
 
 @pytest.fixture
-def canned(monkeypatch):
+def canned():
     import sys
 
-    monkeypatch.setitem(policy.POLICIES, "canned", f"{__name__}:CannedPolicy")
-    assert __name__ in sys.modules
+    assert __name__ in sys.modules  # manifests name f"{__name__}:CannedPolicy"
 
 
 def make_run(directory: Path, reverse: bool = False, prompts: list[str] = PROMPTS) -> Path:
@@ -66,6 +65,7 @@ def make_run(directory: Path, reverse: bool = False, prompts: list[str] = PROMPT
         directory,
         {
             "method": "canned",
+            "policy": f"{__name__}:CannedPolicy",
             "objectives": ["vader", "brevity"],
             "objective_names": ["vader", "brevity"],
             "eval_prompts": "eval.jsonl",
@@ -222,7 +222,15 @@ def test_bad_inputs_give_one_line_errors(tmp_path, canned):
     one_line_error(lambda: evaluate_policy(pol, PROMPTS, build_all(["vader", "brevity"]), [[0.2, 0.3, 0.5]]))
     other = tmp_path / "other"
     other.mkdir()
-    write_manifest(other, {"method": "canned", "objectives": ["vader"], "objective_names": ["vader"]})
+    write_manifest(
+        other,
+        {
+            "method": "canned",
+            "policy": f"{__name__}:CannedPolicy",
+            "objectives": ["vader"],
+            "objective_names": ["vader"],
+        },
+    )
     assert "different objectives" in one_line_error(lambda: evaluate_runs([run, other]))
 
 

@@ -13,7 +13,7 @@ import torch
 
 from moalign.errors import MoalignError
 from moalign.methods.common import parse_config
-from moalign.methods.morl import MORLConfig, ScalarizedReward, expand_weights, preference_dirname, train
+from moalign.methods.morl import MORLConfig, ScalarizedReward, train
 from moalign.methods.ppo import gae, train_ppo
 from moalign.objectives import build_all
 from moalign.pareto import SCALARIZATIONS, scalarize
@@ -77,12 +77,6 @@ def test_reward_function_scores_each_sample_on_its_own():
     assert logged["objectives/brevity"] == pytest.approx(-np.mean([len(r.split()) for r in responses]))
 
 
-def test_weight_entries_expand_to_validated_vectors():
-    vectors = expand_weights(["grid:2", "onehot", "0.3,0.7", [0.3, 0.7], "uniform"], 2)
-    assert [v.tolist() for v in vectors] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0], [0.3, 0.7]]
-    assert preference_dirname(np.array([0.25, 0.75])) == "w_0.25_0.75"
-
-
 def write_samples(directory: Path) -> Path:
     path = directory / "samples.jsonl"
     with open(path, "w") as handle:
@@ -123,15 +117,15 @@ def parameters_differ(path_a: Path, path_b: Path) -> bool:
 def test_one_rl_step_changes_the_policy_and_keeps_kl_finite(tmp_path, tiny_lm, algorithm):
     from moalign.policy import load_policy
 
-    config = morl_config(tmp_path, tiny_lm, "--algorithm", algorithm, "--weights", "0.5,0.5", "--ppo_epochs", "2")
+    config = morl_config(tmp_path, tiny_lm, "--algorithm", algorithm, "--preferences", "0.5,0.5", "--ppo_epochs", "2")
     run_dir = train(config)
     manifest = json.loads((run_dir / "moalign.json").read_text())
     assert manifest["method"] == "morlhf" and manifest["algorithm"] == algorithm
-    assert manifest["models"] == [{"preference": [0.5, 0.5], "path": "models/w_0.5_0.5"}]
+    assert manifest["models"] == [{"preference": [0.5, 0.5], "path": "models/w0.5-0.5"}]
     assert manifest["normalization"]["stats"]["names"] == OBJECTIVES  # fitted on the training samples
-    stage = manifest["training"]["stages"]["w_0.5_0.5"]
+    stage = manifest["training"]["stages"]["w0.5-0.5"]
     assert stage["steps"] == 1 and math.isfinite(stage["kl_last"]) and stage["tokens"] > 0
-    assert parameters_differ(tiny_lm, run_dir / "models" / "w_0.5_0.5")
+    assert parameters_differ(tiny_lm, run_dir / "models" / "w0.5-0.5")
     assert not (run_dir / "checkpoints").exists()
     policy = load_policy(run_dir)
     assert len(policy.generate([PROMPT.format("the cat")], [0.4, 0.6])) == 1
@@ -178,20 +172,20 @@ def test_rerun_skips_finished_weights(tmp_path, tiny_lm, monkeypatch):
 
     def fake_stage(config, prompts, reward, stage_dir, final_dir):
         trained.append(final_dir.name)
-        if final_dir.name == "w_0_1" and len(trained) == 2:
+        if final_dir.name == "w0-1" and len(trained) == 2:
             raise KeyboardInterrupt
         shutil.copytree(tiny_lm, final_dir)
         (final_dir / "moalign_stage.json").write_text(json.dumps({"seconds": 1.0, "tokens": 10}))
         return {"seconds": 1.0, "tokens": 10}
 
     monkeypatch.setattr(morl, "train_trl", fake_stage)
-    config = morl_config(tmp_path, tiny_lm, "--weights", "onehot")
+    config = morl_config(tmp_path, tiny_lm, "--preferences", "onehot")
     with pytest.raises(KeyboardInterrupt):
         train(config)
     manifest = json.loads((tmp_path / "run" / "moalign.json").read_text())
     assert [m["preference"] for m in manifest["models"]] == [[1.0, 0.0]]  # usable after the interruption
     train(config)
-    assert trained == ["w_1_0", "w_0_1", "w_0_1"]  # the finished weight was not trained again
+    assert trained == ["w1-0", "w0-1", "w0-1"]  # the finished weight was not trained again
     manifest = json.loads((tmp_path / "run" / "moalign.json").read_text())
     assert [m["preference"] for m in manifest["models"]] == [[1.0, 0.0], [0.0, 1.0]]
     assert manifest["training"]["tokens"] == 20
@@ -200,9 +194,9 @@ def test_rerun_skips_finished_weights(tmp_path, tiny_lm, monkeypatch):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--weights", "0.2,0.3,0.5"], "expected 2"),
-        (["--weights", "0.2,0.3"], "sum to 1"),
-        (["--weights", "grid:x"], "grid:D"),
+        (["--preferences", "0.2,0.3,0.5"], "expected 2"),
+        (["--preferences", "0.2,0.3"], "sum to 1"),
+        (["--preferences", "grid:x"], "grid:D"),
         (["--scalarization", "nash"], "unknown scalarisation 'nash'"),
         (["--algorithm", "ppo2"], "unknown algorithm"),
         (["--num_generations", "1"], "num_generations"),
@@ -214,7 +208,7 @@ def test_bad_input_is_one_line_before_work(tmp_path, tiny_lm, flags, message, ca
     config = morl_config(tmp_path, tiny_lm)
     with pytest.raises(MoalignError, match=message):
         for flag, value in zip(flags[::2], flags[1::2]):
-            setattr(config, flag.removeprefix("--"), [value] if flag == "--weights" else value)
+            setattr(config, flag.removeprefix("--"), [value] if flag == "--preferences" else value)
         config.num_generations = int(config.num_generations)
         train(config)
     assert not (tmp_path / "run" / "models").exists()

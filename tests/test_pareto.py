@@ -108,3 +108,33 @@ def test_scalarize_bad_input():
 def test_bad_weights(text, message):
     with pytest.raises(MoalignError, match=message):
         parse_weights(text, 2)
+
+
+def test_preference_entries_expand_to_validated_vectors_in_order():
+    from moalign.pareto import parse_preferences, preference_name
+
+    rows = parse_preferences(["grid:2", "0.3,0.7", [0.2, 0.8]], 2)
+    assert rows.tolist() == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0], [0.3, 0.7], [0.2, 0.8]]
+    assert parse_preferences([], 3).tolist() == [[1 / 3, 1 / 3, 1 / 3]]
+    assert parse_preferences(["onehot"], 2).tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert preference_name([0.25, 0.75]) == "w0.25-0.75"
+    assert preference_name([1 / 3, 2 / 3]) == "w0.3333-0.6667"
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (["grid:2", "onehot"], "twice"),
+        (["0.5,0.5", [0.5, 0.5]], "twice"),
+        (["grid:x"], "grid:D"),
+        (["grid:0"], "grid:D"),
+        (["0.2,0.3"], "sum to 1"),
+        (["a,b"], "use '0.2,0.8'"),
+        (["0.2,0.3,0.5"], "expected 2"),
+    ],
+)
+def test_bad_preference_entries_are_one_line(entries, message):
+    from moalign.pareto import parse_preferences
+
+    with pytest.raises(MoalignError, match=message):
+        parse_preferences(entries, 2)

@@ -7,13 +7,18 @@ Standard shapes: samples (`prompt`, `response`) or pairs (`prompt`, `chosen`, `r
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import datasets
 
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, first_line
 
+# The turn markers of Anthropic's HH dialogues, the format the papers' data and moalign's demo use.
+HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
+TURN_MARKERS = [HUMAN, ASSISTANT]  # stop strings: a turn the model invents is not part of its answer
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -46,8 +51,7 @@ def load_raw(source: str, split: str = "train", subset: str | None = None) -> da
     try:
         return datasets.load_dataset(source, subset, split=split)
     except Exception as error:  # the hub client raises many types; the user needs one line
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise MoalignError(f"cannot load dataset {source!r} ({first_line})") from None
+        raise MoalignError(f"cannot load dataset {source!r} ({first_line(error)})") from None
 
 
 def standardize(dataset: datasets.Dataset, source: str = "dataset") -> datasets.Dataset:
@@ -74,6 +78,11 @@ def load(source: str, split: str = "train", subset: str | None = None) -> datase
     return standardize(load_raw(source, split, subset), source)
 
 
+def head(dataset: datasets.Dataset, max_samples: int | None) -> datasets.Dataset:
+    """The first `max_samples` rows (all of them when None or 0)."""
+    return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
+
+
 def is_pairs(dataset: datasets.Dataset) -> bool:
     return {"chosen", "rejected"} <= set(dataset.column_names)
 
@@ -84,3 +93,24 @@ def to_samples(dataset: datasets.Dataset) -> tuple[list[str], list[str]]:
         prompts = list(dataset["prompt"])
         return prompts + prompts, list(dataset["chosen"]) + list(dataset["rejected"])
     return list(dataset["prompt"]), list(dataset["response"])
+
+
+_WORD = re.compile(r"\S+")
+
+
+def is_degenerate(text: str, min_words: int = 3) -> bool:
+    """Whether a response has collapsed: empty, under `min_words` words, or repetitive.
+
+    Repetitive means fewer than half of its word bigrams are distinct, or some word trigram occurs
+    3 times or more; reward hacking and mode collapse show up as exactly these outputs.
+    """
+    words = _WORD.findall(text.lower())
+    if len(words) < max(1, min_words):
+        return True
+    if len(words) < 2:
+        return False
+    bigrams = list(zip(words, words[1:]))
+    if len(set(bigrams)) / len(bigrams) < 0.5:
+        return True
+    trigrams = Counter(zip(words, words[1:], words[2:]))
+    return bool(trigrams) and max(trigrams.values()) >= 3

@@ -13,7 +13,6 @@ import json
 import math
 import re
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from moalign.data import is_degenerate
 from moalign.errors import MoalignError
 from moalign.generation import SamplingParams
 from moalign.objectives import Objective, build_all
@@ -31,40 +31,16 @@ from moalign.scores import ScoreCache, score
 N_SAMPLES = 3  # responses per preference kept for the report
 REFERENCE_MARGIN = 0.1  # default reference point: the worst score minus this share of the span
 
-_WORD = re.compile(r"\S+")
-
-
-def is_degenerate(text: str) -> bool:
-    """Whether a response has collapsed: empty, under 3 words, or repetitive.
-
-    Repetitive means fewer than half of its word bigrams are distinct, or some word trigram occurs
-    3 times or more; reward hacking and mode collapse show up as exactly these outputs.
-    """
-    words = _WORD.findall(text.lower())
-    if len(words) < 3:
-        return True
-    bigrams = list(zip(words, words[1:]))
-    if len(set(bigrams)) / len(bigrams) < 0.5:
-        return True
-    trigrams = Counter(zip(words, words[1:], words[2:]))
-    return max(trigrams.values()) >= 3
-
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation; NaN when either side is constant or has fewer than 2 values."""
-    from scipy.stats import rankdata
+    """Spearman rank correlation over the finite pairs; NaN when either side is constant or has < 2 values."""
+    from scipy.stats import spearmanr
 
     a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     keep = np.isfinite(a) & np.isfinite(b)
-    a, b = a[keep], b[keep]
-    if a.size < 2:
+    if keep.sum() < 2 or np.ptp(a[keep]) == 0 or np.ptp(b[keep]) == 0:
         return math.nan
-    ra, rb = rankdata(a), rankdata(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = math.sqrt(float((ra**2).sum() * (rb**2).sum()))
-    if denominator == 0:
-        return math.nan
-    return float(np.clip((ra * rb).sum() / denominator, -1.0, 1.0))
+    return float(spearmanr(a[keep], b[keep]).statistic)
 
 
 def steerability(preferences: np.ndarray, points: np.ndarray, names: Sequence[str]) -> dict[str, float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import moocore
 import numpy as np
@@ -52,6 +53,42 @@ def parse_weights(text: str, n_objectives: int) -> np.ndarray:
     except ValueError:
         raise MoalignError(f"weights {text!r} must be comma-separated numbers, e.g. 0.3,0.7") from None
     return validate_weights(values, n_objectives)
+
+
+def parse_preferences(entries: Sequence[Any] | None, n_objectives: int) -> np.ndarray:
+    """A run's preference list, validated, in the order given (one row per preference).
+
+    An entry is "0.2,0.8" or [0.2, 0.8], "grid:D" (the simplex grid of step 1/D), "onehot" (the corners) or
+    "uniform"; an empty list means "uniform". A preference listed twice is a mistake worth one line.
+    """
+    rows: list[np.ndarray] = []
+    for entry in entries or ["uniform"]:
+        text = entry.strip() if isinstance(entry, str) else None
+        if text == "uniform":
+            expanded = [np.full(n_objectives, 1.0 / n_objectives)]
+        elif text == "onehot":
+            expanded = list(np.eye(n_objectives))
+        elif text is not None and text.startswith("grid"):
+            _, _, divisions = text.partition(":")
+            if not divisions.isdigit() or int(divisions) < 1:
+                raise MoalignError(f"preference {entry!r}: write grid:D with D a whole number ≥ 1, e.g. grid:10")
+            expanded = list(simplex_grid(n_objectives, int(divisions)))
+        else:
+            try:
+                values = [float(x) for x in text.split(",")] if text is not None else [float(x) for x in entry]
+            except (TypeError, ValueError):
+                raise MoalignError(f"preference {entry!r}: use '0.2,0.8', 'grid:D', 'onehot' or 'uniform'") from None
+            expanded = [validate_weights(values, n_objectives)]
+        for row in expanded:
+            if any(np.allclose(row, seen, atol=1e-9) for seen in rows):
+                raise MoalignError(f"preferences list {np.round(row, 6).tolist()} twice; give each once")
+            rows.append(np.asarray(row, dtype=float))
+    return np.stack(rows)
+
+
+def preference_name(preference: Sequence[float]) -> str:
+    """The folder and model name of a per-preference model: [0.2, 0.8] -> 'w0.2-0.8'."""
+    return "w" + "-".join(f"{round(float(x), 4):g}" for x in preference)
 
 
 def hypervolume(points: np.ndarray | Sequence, reference_point: Sequence[float]) -> float:

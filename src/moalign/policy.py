@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,50 @@ class Policy:
         """Which trained model answers for this preference (shown to server clients)."""
         return "model"
 
+    def prompt_for(self, prompt: str, weights: np.ndarray) -> str:
+        """The exact text the model is given for a user's prompt under a preference: the run's template,
+        then whatever the method writes into it (RiC: the desired rewards). Native generation and an
+        upstream engine both get this text, so they see identical prompts."""
+        return self.prompt_template.format(prompt=prompt)
+
+    def model_paths(self) -> dict[str, Path]:
+        """Every model folder the policy generates with, by the name an upstream engine serves it under
+        (`moalign export` writes them; `moalign serve --upstream` asks for them by this name)."""
+        return {self.run_dir.resolve().name: self.run_dir / self.manifest.get("model", "model")}
+
+    def upstream_model(self, weights: np.ndarray) -> str:
+        """The upstream model name that answers for this preference."""
+        return next(iter(self.model_paths()))
+
+    def load_tokenizer(self) -> Any:
+        """A fresh tokenizer of the run's model, read without loading any weights (None if none is found)."""
+        from transformers import AutoTokenizer
+
+        for path in self.model_paths().values():
+            adapter_config = path / "adapter_config.json"
+            sources = [path]
+            if adapter_config.exists():  # an adapter folder may lack a tokenizer: its base has one
+                sources.append(json.loads(adapter_config.read_text())["base_model_name_or_path"])
+            for source in sources:
+                try:
+                    return AutoTokenizer.from_pretrained(str(source))
+                except (OSError, ValueError):
+                    continue
+        return None
+
+    def context_length(self) -> int | None:
+        """The model's context window (prompt + new tokens), from its config; None if it names none."""
+        from transformers import AutoConfig
+
+        for path in self.model_paths().values():
+            try:
+                config = AutoConfig.from_pretrained(str(path))
+            except (OSError, ValueError):
+                continue
+            value = getattr(config, "max_position_embeddings", None)
+            return int(value) if isinstance(value, int) and value > 0 else None
+        return None
+
     def variant(self, weights: np.ndarray) -> Hashable:
         """What the output depends on besides prompt and seed: preferences with equal variants generate
         the same text, so evaluation generates once for them."""
@@ -90,15 +136,32 @@ class Policy:
 
 
 class ModelPolicy(Policy):
-    """One causal LM; subclasses rewrite the prompt to carry the preference (RiC)."""
+    """One causal LM; subclasses rewrite the prompt to carry the preference (RiC).
+
+    The weights load on first use: a router in front of an upstream engine needs only the prompts.
+    """
 
     def __init__(self, manifest: dict[str, Any], run_dir: Path, device: str = "auto"):
         super().__init__(manifest, run_dir)
-        path = run_dir / manifest.get("model", "model")
-        self.model, self.tokenizer = load_model(str(path), device=device)
+        self.device = device
+
+    @cached_property
+    def loaded(self) -> tuple[Any, Any]:
+        return load_model(str(self.run_dir / self.manifest.get("model", "model")), device=self.device)
+
+    @property
+    def model(self) -> Any:
+        return self.loaded[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded[1]
 
     def prepare_prompt(self, prompt: str, weights: np.ndarray) -> str:
         return prompt
+
+    def prompt_for(self, prompt: str, weights: np.ndarray) -> str:
+        return self.prepare_prompt(super().prompt_for(prompt, weights), self.check_weights(weights))
 
     def _complete(self, prompts, weights, params):
         conditioned = [self.prepare_prompt(p, self.check_weights(w)) for p, w in zip(prompts, weights)]
@@ -135,6 +198,12 @@ class PerPreferencePolicy(Policy):
     def served_by(self, weights: np.ndarray) -> str:
         return Path(self.paths[self.nearest(weights)]).name
 
+    def model_paths(self) -> dict[str, Path]:
+        return {Path(path).name: path for path in self.paths}
+
+    def upstream_model(self, weights: np.ndarray) -> str:
+        return self.served_by(weights)
+
     def variant(self, weights: np.ndarray) -> Hashable:
         return self.nearest(weights)
 
@@ -158,30 +227,32 @@ class PerPreferencePolicy(Policy):
         return results  # type: ignore[return-value]
 
 
-# method name in the manifest -> the policy class (as "module:Class" for the methods' own policies)
-POLICIES: dict[str, str] = {
-    "base": "moalign.policy:FixedPolicy",
-    "sft": "moalign.policy:FixedPolicy",
-    "ric": "moalign.methods.ric:RiCPolicy",
-    "modpo": "moalign.policy:PerPreferencePolicy",
-    "dpo": "moalign.policy:FixedPolicy",
-    "paretohqd": "moalign.policy:PerPreferencePolicy",
-    "morlhf": "moalign.policy:PerPreferencePolicy",
-    "morl": "moalign.policy:PerPreferencePolicy",
-    "soups": "moalign.methods.soups:SoupPolicy",
-}
+FIXED_POLICY = "moalign.policy:FixedPolicy"
+PER_PREFERENCE_POLICY = "moalign.policy:PerPreferencePolicy"
+
+
+def policy_class(manifest: dict[str, Any]) -> type[Policy]:
+    """The class the manifest names as `"policy": "module:Class"`.
+
+    A run written before manifests named their policy is served by its model(s): one `model` is a fixed
+    policy, a `models` list a per-preference one.
+    """
+    spec = manifest.get("policy") or (PER_PREFERENCE_POLICY if manifest.get("models") else FIXED_POLICY)
+    module_name, _, class_name = str(spec).partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        raise MoalignError(f"moalign.json names the policy {spec!r}, which this moalign does not have") from None
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise MoalignError(f"moalign.json names the policy {spec!r}, which is not a moalign Policy")
+    return cls
 
 
 def load_policy(run_dir: str | Path, **options) -> Policy:
-    """Read `run_dir/moalign.json` and build the policy of the method that produced the run."""
+    """Read `run_dir/moalign.json` and build the policy it names."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    method = manifest["method"]
-    if method not in POLICIES:
-        raise MoalignError(f"{run_dir}: unknown method {method!r} in moalign.json; known: {', '.join(POLICIES)}")
-    module_name, _, class_name = POLICIES[method].partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(manifest, run_dir, **options)
+    return policy_class(manifest)(manifest, run_dir, **options)
 
 
 def generate_cli(argv: list[str]) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +18,44 @@ MANIFEST = "moalign.json"
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a file or folder into; it becomes `path` only on success.
+
+    A crash or an exception leaves `path` as it was (a folder that exists is complete) and no temporary behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    _remove(tmp)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` then rename onto `path`: for writers that take a path (parquet, images, save_pretrained)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def atomic_write_parquet(frame: Any, path: str | os.PathLike) -> None:
+    """A pandas DataFrame to parquet, atomically."""
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

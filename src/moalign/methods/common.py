@@ -11,13 +11,15 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, first_line
+from moalign.run import atomic_write_text
 
 log = logging.getLogger("moalign")
 STAGE_MARKER = "moalign_stage.json"  # written last: a model folder holding it is complete
@@ -35,6 +37,23 @@ class CommonArguments:
     eval_prompts: str | None = field(default=None, metadata={"help": "JSONL of held-out prompts for `moalign eval`"})
     score_cache: str | None = field(default=None, metadata={"help": "SQLite score cache (default: user cache)"})
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
+    save_adapters: bool = field(
+        default=False,
+        metadata={"help": "with use_peft, save each trained LoRA adapter on its own instead of merging it"},
+    )
+    # How weights load (moalign.models); the names are those of TRL's ModelConfig.
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (bfloat16 on a GPU that has it, else float32), bfloat16, float16 or float32"},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa (default), eager, flex_attention, flash_attention_2 (needs flash-attn)"}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "4-bit base weights for QLoRA (needs bitsandbytes)"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base weights (needs bitsandbytes)"})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type: nf4 or fp4"})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "quantize the 4-bit quantization constants"})
+    device_map: str | None = field(default=None, metadata={"help": "e.g. auto: spread a large model over devices"})
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -50,6 +69,9 @@ class CommonArguments:
             self.fp16 = False
             self.gradient_checkpointing = False
             self.use_cpu = True
+        from moalign.models import ModelOptions
+
+        ModelOptions.from_config(self).validate()  # a bad dtype or a missing package fails before any work
         super().__post_init__()
 
 
@@ -60,10 +82,17 @@ def config_section(path: str, section: str | None) -> dict[str, Any]:
     """
     import yaml
 
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise MoalignError(f"config file {path} does not exist")
-    with open(path) as handle:
-        content = yaml.safe_load(handle) or {}
+    try:
+        with open(path) as handle:
+            content = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise MoalignError(
+            f"config file {path} is not valid YAML{where} ({getattr(error, 'problem', None) or 'syntax error'})"
+        ) from None
     if not isinstance(content, dict):
         raise MoalignError(f"config file {path} must hold a YAML mapping")
     if section and isinstance(content.get(section), dict):
@@ -71,41 +100,39 @@ def config_section(path: str, section: str | None) -> dict[str, Any]:
     return content
 
 
-def parse_config(config_class: type, argv: list[str], section: str | None = None):
-    """Parse `--config FILE.yaml` plus flags into one method config (flags win over the file).
+REQUIRED = ("model_name_or_path", "dataset", "output_dir")
 
-    With `section`, a file that has a mapping under that key contributes only that mapping.
+
+def parse_config(config_class: type, argv: list[str], section: str | None = None, required: Sequence[str] = REQUIRED):
+    """Parse `--config FILE.yaml` plus flags into one config with TRL's parser (flags win over the file).
+
+    With `section`, a file that has a mapping under that key contributes only that mapping. Flags are
+    snake_case as in TRL (`--output_dir`); kebab-case (`--output-dir`) works too.
     """
-    import tempfile
-
-    import yaml
     from trl import TrlParser
 
     argv = list(argv)
-    tmp = None
+    parser = TrlParser((config_class,))
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise MoalignError("--config needs a YAML file")
-        values = config_section(argv[index + 1], section)
-        fd, tmp = tempfile.mkstemp(suffix=".yaml", prefix="moalign-config-")
-        with os.fdopen(fd, "w") as handle:
-            yaml.safe_dump(values, handle)
-        argv[index + 1] = tmp
-    parser = TrlParser((config_class,))
+        path = argv[index + 1]
+        values = config_section(path, section)
+        del argv[index : index + 2]
+        for key, value in (values.pop("env", None) or {}).items():  # TRL's `env:` mapping
+            os.environ[key] = str(value)
+        unknown = parser.set_defaults_with_config(**values)[::2]  # ["--key", "value", ...]
+        if unknown:
+            keys = ", ".join(key.removeprefix("--") for key in unknown)
+            raise MoalignError(f"config file {path}: unknown keys {keys} (see --help for the options)")
     try:
-        (config,) = parser.parse_args_and_config(argv)
+        (config,) = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:
-        raise MoalignError(str(error).strip().splitlines()[0]) from None
-    finally:
-        if tmp:
-            os.unlink(tmp)
-    if not config.model_name_or_path:
-        raise MoalignError("model_name_or_path is not set (YAML key or --model_name_or_path)")
-    if not config.dataset:
-        raise MoalignError("dataset is not set (YAML key or --dataset)")
-    if not config.output_dir:
-        raise MoalignError("output_dir is not set: the run directory to write")
+        raise MoalignError(first_line(error)) from None
+    for name in required:
+        if not getattr(config, name, None):
+            raise MoalignError(f"{name} is not set (YAML key or --{name})")
     return config
 
 
@@ -116,22 +143,18 @@ def objective_names(specs: list[str]) -> list[str]:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from moalign.models import load_tokenizer as load
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load(path)
 
 
-def load_causal_lm(path: str):
-    """A causal LM in float32 on CPU (the Trainer moves it where it trains)."""
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(path: str, config: Any = None, trainable: bool = False):
+    """A causal LM with the config's loading options (dtype, attention, 4/8-bit, device_map, TRL's
+    model_init_kwargs); an adapter folder loads onto its base, kept as a trainable adapter with `trainable`.
+    The Trainer moves it where it trains."""
+    from moalign.models import ModelOptions, load_pretrained
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except OSError as error:
-        raise MoalignError(f"cannot load model {path} ({str(error).strip().splitlines()[0]})") from None
+    return load_pretrained(path, ModelOptions.from_config(config) if config is not None else None, trainable=trainable)
 
 
 def lora_config(config: CommonArguments, task_type: str = "CAUSAL_LM"):
@@ -161,12 +184,11 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
 
 def save_final(model, tokenizer, destination: Path) -> None:
     """Save a model (or adapter) under a temporary name, then rename: a folder that exists is complete."""
-    tmp = destination.with_name(f".{destination.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(destination, ignore_errors=True)
-    os.replace(tmp, destination)
+    from moalign.run import atomic_path
+
+    with atomic_path(destination) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def stage_args(config, output_dir: Path, **overrides):
@@ -202,20 +224,17 @@ def train_sft(
     """
     from trl import SFTTrainer
 
+    from moalign.models import adapter_base
+
     if (done := finished_stage(final_dir)) is not None:
         log.info(f"stage {final_dir.name}: already trained, skipping")
         return done
     args = stage_args(config, stage_dir, completion_only_loss=True, **overrides)
     tokenizer = load_tokenizer(model_path)
-    adapter = Path(model_path) / "adapter_config.json"
-    if adapter.exists():
-        from peft import PeftModel
-
-        base = json.loads(adapter.read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(load_causal_lm(base), model_path, is_trainable=True)
-        peft_config, keep_adapter = None, True
+    if adapter_base(model_path) is not None:
+        model, peft_config, keep_adapter = load_causal_lm(model_path, config, trainable=True), None, True
     else:
-        model, peft_config = load_causal_lm(model_path), lora_config(config)
+        model, peft_config = load_causal_lm(model_path, config), lora_config(config)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
@@ -241,7 +260,7 @@ def finish_stage(
         model = model.merge_and_unload()
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     save_final(model, tokenizer, final_dir)
-    (final_dir / STAGE_MARKER).write_text(json.dumps(stats))
+    atomic_write_text(final_dir / STAGE_MARKER, json.dumps(stats))
     shutil.rmtree(stage_dir, ignore_errors=True)
     return stats
 
@@ -255,13 +274,76 @@ def sampling_fields(config: CommonArguments) -> dict[str, Any]:
     }
 
 
-def write_run_manifest(config: CommonArguments, method: str, **fields: Any) -> None:
-    """The run's manifest: method, base model, objectives, sampling, held-out prompts, plus `fields`."""
+def sampling_params(config: CommonArguments, seed: int = 0, stop: Sequence[str] = ()):
+    """`SamplingParams` for a method's own generation (RiC's MORS, ParetoHqD's stage 2, RL rollouts)."""
+    from moalign.generation import SamplingParams
+
+    return SamplingParams(**sampling_fields(config), seed=seed, stop=list(stop))
+
+
+def load_training_data(config: CommonArguments):
+    """The method's dataset in moalign's standard columns, cut to `max_samples` rows."""
+    from moalign import data
+
+    return data.head(data.load(config.dataset, config.dataset_split), config.max_samples)
+
+
+def score_cache(config: CommonArguments):
+    """The SQLite score cache the config names, else the user's cache: a text is never scored twice."""
+    from moalign.scores import ScoreCache, cache_dir
+
+    return ScoreCache(config.score_cache or cache_dir() / "scores.sqlite")
+
+
+def train_per_preference(
+    preferences: Sequence[Sequence[float]],
+    run_dir: Path,
+    train_one: Callable[[Sequence[float], Path, Path], dict[str, Any]],
+    models_dir: str = "models",
+    checkpoint_prefix: str = "",
+    on_trained: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One model per preference, named `models_dir/w0.2-0.8`: the loop every per-preference method runs.
+
+    `train_one(preference, checkpoint_dir, final_dir)` trains (or skips a finished) model and returns its
+    stats; `on_trained(models, stages)` runs after each, so the manifest lists the finished models of an
+    interrupted run. Returns the manifest's `models` entries and the stats per model name.
+    """
+    from moalign.pareto import preference_name
+
+    models: list[dict[str, Any]] = []
+    stages: dict[str, Any] = {}
+    for preference in preferences:
+        name = preference_name(preference)
+        stages[name] = train_one(
+            preference, run_dir / "checkpoints" / f"{checkpoint_prefix}{name}", run_dir / models_dir / name
+        )
+        models.append({"preference": [float(x) for x in preference], "path": f"{models_dir}/{name}"})
+        if on_trained is not None:
+            on_trained(models, stages)
+    return models, stages
+
+
+def training_totals(stages: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The manifest's `training` entry: seconds and tokens summed over the stages, plus `extra`."""
+    return {
+        "seconds": sum(float(s.get("seconds", 0.0)) for s in stages.values()),
+        "tokens": int(sum(s.get("tokens", 0) for s in stages.values())),
+        "stages": stages,
+        **extra,
+    }
+
+
+def write_run_manifest(config: CommonArguments, method: str, policy: str | None, **fields: Any) -> None:
+    """The run's manifest: method, the policy class that serves it ("module:Class"; None for runs that are
+    not policies, such as preference models), base model, objectives, sampling, held-out prompts, plus
+    `fields`."""
     from moalign.run import write_manifest
 
     run_dir = Path(config.output_dir)
     manifest: dict[str, Any] = {
         "method": method,
+        **({"policy": policy} if policy else {}),
         "base_model": config.model_name_or_path,
         "objectives": list(config.objectives),
         "objective_names": objective_names(config.objectives) if config.objectives else [],
@@ -270,7 +352,7 @@ def write_run_manifest(config: CommonArguments, method: str, **fields: Any) -> N
     if config.eval_prompts:
         if not os.path.exists(config.eval_prompts):
             raise MoalignError(f"eval_prompts file {config.eval_prompts} does not exist")
-        shutil.copyfile(config.eval_prompts, run_dir / "eval_prompts.jsonl")
+        atomic_write_text(run_dir / "eval_prompts.jsonl", Path(config.eval_prompts).read_text())
         manifest["eval_prompts"] = "eval_prompts.jsonl"
     manifest.update(fields)
     write_manifest(run_dir, manifest)

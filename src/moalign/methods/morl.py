@@ -11,14 +11,13 @@ MORLAIF's. Three algorithms share that reward:
   through TRL's `log_metric` hook rather than by scoring twice;
 - `ppo`: moalign's own PPO with a value head and GAE (`moalign.methods.ppo`), the papers' algorithm.
 
-Every weight vector trains into `models/w_<weights>` of one run directory; finished weights are skipped when
+Every preference trains into `models/w0.2-0.8` of one run directory; finished preferences are skipped when
 the command is rerun, and an interrupted one resumes from its newest checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -32,7 +31,7 @@ import numpy as np
 from trl import GRPOConfig
 
 from moalign import data
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, first_line
 from moalign.methods.common import (
     CommonArguments,
     finish_stage,
@@ -41,13 +40,17 @@ from moalign.methods.common import (
     load_tokenizer,
     lora_config,
     parse_config,
+    score_cache,
+    train_per_preference,
+    training_totals,
     write_run_manifest,
 )
 from moalign.methods.ppo import PPOArguments, train_ppo
 from moalign.methods.ppo import check_config as check_ppo_config
 from moalign.objectives import Objective, build_all
-from moalign.pareto import SCALARIZATIONS, scalarize, simplex_grid, validate_weights
-from moalign.scores import NormStats, ScoreCache, cache_dir, score
+from moalign.pareto import SCALARIZATIONS, parse_preferences, scalarize
+from moalign.policy import PER_PREFERENCE_POLICY
+from moalign.scores import NormStats, score
 
 log = logging.getLogger("moalign")
 
@@ -62,9 +65,9 @@ class MORLConfig(CommonArguments, PPOArguments, GRPOConfig):
 
     algorithm: str = field(default="rloo", metadata={"help": "rloo | grpo | ppo"})
     scalarization: str = field(default="linear", metadata={"help": f"one of {', '.join(SCALARIZATIONS)}"})
-    weights: list[str] = field(
+    preferences: list[str] = field(
         default_factory=lambda: ["uniform"],
-        metadata={"help": "one run per entry: '0.2,0.8', 'grid:D' (simplex grid, D divisions), 'onehot', 'uniform'"},
+        metadata={"help": "one model per entry: '0.2,0.8', 'grid:D' (simplex grid, D divisions), 'onehot', 'uniform'"},
     )
     normalization: str = field(
         default="zscore", metadata={"help": "zscore: scores z-scored with the training samples' stats; none"}
@@ -73,12 +76,10 @@ class MORLConfig(CommonArguments, PPOArguments, GRPOConfig):
         default=0, metadata={"help": "fit the z-score stats on this many random training samples (0: all)"}
     )
     scalarization_temperature: float = field(default=1.0, metadata={"help": "soft_max_min: τ of the softmin"})
-    uncertainty_penalty: float = field(default=1.0, metadata={"help": "uncertainty_weighted: λ of the variance"})
+    # MORLAIF's reference implementation penalises the variance with λ = 0.5 (Williams, 2024).
+    uncertainty_penalty: float = field(default=0.5, metadata={"help": "uncertainty_weighted: λ of the variance"})
     nash_positive: str = field(default="softplus", metadata={"help": "bernoulli_nash: softplus | shift"})
     nash_shift: float = field(default=0.0, metadata={"help": "bernoulli_nash with nash_positive=shift"})
-    save_adapter: bool = field(
-        default=False, metadata={"help": "with use_peft, save the LoRA adapter instead of the merged model"}
-    )
     # RLOOConfig's two fields that GRPOConfig lacks, passed on when algorithm is rloo.
     normalize_advantages: bool = field(default=False, metadata={"help": "rloo: whiten the advantages"})
     reward_clip_range: tuple[float, float] | None = field(default=None, metadata={"help": "rloo: clip rewards"})
@@ -105,38 +106,6 @@ class MORLConfig(CommonArguments, PPOArguments, GRPOConfig):
             "positive": self.nash_positive,
             "shift": self.nash_shift,
         }
-
-
-def expand_weights(entries: Sequence[Any], n_objectives: int) -> list[np.ndarray]:
-    """The weight vectors of a run, validated, duplicates dropped, in the order given."""
-    vectors: list[np.ndarray] = []
-    for entry in entries or ["uniform"]:
-        text = entry.strip() if isinstance(entry, str) else None
-        if text == "uniform":
-            rows = [np.full(n_objectives, 1.0 / n_objectives)]
-        elif text == "onehot":
-            rows = list(np.eye(n_objectives))
-        elif text is not None and text.startswith("grid"):
-            _, _, divisions = text.partition(":")
-            if divisions and not divisions.isdigit():
-                raise MoalignError(f"weights entry {entry!r}: write grid:D with D a whole number, e.g. grid:4")
-            rows = list(simplex_grid(n_objectives, int(divisions or 10)))
-        else:
-            try:
-                values = [float(x) for x in text.split(",")] if text is not None else [float(x) for x in entry]
-            except (TypeError, ValueError):
-                raise MoalignError(f"weights entry {entry!r}: use '0.2,0.8', 'grid:D', 'onehot' or 'uniform'") from None
-            rows = [np.asarray(values)]
-        for row in rows:
-            w = validate_weights(row, n_objectives)
-            if not any(np.allclose(w, v) for v in vectors):
-                vectors.append(w)
-    return vectors
-
-
-def preference_dirname(weights: np.ndarray) -> str:
-    """models/<this>: the preference in the folder name, e.g. w_0.25_0.75."""
-    return "w_" + "_".join(f"{round(float(x), 4):g}" for x in weights)
 
 
 class ScalarizedReward:
@@ -178,9 +147,7 @@ class ScalarizedReward:
 
 def load_training_data(config: MORLConfig) -> tuple[list[str], datasets.Dataset | None]:
     """The unique training prompts, and the sample/pair dataset (None when the data holds prompts only)."""
-    raw = data.load_raw(config.dataset, config.dataset_split)
-    if config.max_samples:
-        raw = raw.select(range(min(config.max_samples, len(raw))))
+    raw = data.head(data.load_raw(config.dataset, config.dataset_split), config.max_samples)
     columns = set(raw.column_names)
     if "prompt" in columns and not ({"response"} <= columns or {"chosen", "rejected"} <= columns):
         return list(dict.fromkeys(raw["prompt"])), None
@@ -207,8 +174,7 @@ def fit_normalization(
     if 0 < config.normalization_samples < len(prompts):  # scoring every sample of a big set costs hours
         picked = np.random.default_rng(config.seed).choice(len(prompts), config.normalization_samples, replace=False)
         prompts, responses = [prompts[i] for i in picked], [responses[i] for i in picked]
-    cache = ScoreCache(config.score_cache or cache_dir() / "scores.sqlite")
-    return NormStats.fit(score(objectives, prompts, responses, cache), names)
+    return NormStats.fit(score(objectives, prompts, responses, score_cache(config)), names)
 
 
 def check_config(config: MORLConfig) -> None:
@@ -261,7 +227,7 @@ def train_trl(
             peft_config=lora_config(config),
         )
     except ValueError as error:
-        raise MoalignError(f"{config.algorithm}: {str(error).strip().splitlines()[0]}") from None
+        raise MoalignError(f"{config.algorithm}: {first_line(error)}") from None
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
     seconds = time.perf_counter() - start
@@ -279,15 +245,15 @@ def train_trl(
         "kl_last": logs[-1].get("kl") if logs else None,
     }
     return finish_stage(
-        model, tokenizer, final_dir, stage_dir, stats, merge=config.use_peft and not config.save_adapter
+        model, tokenizer, final_dir, stage_dir, stats, merge=config.use_peft and not config.save_adapters
     )
 
 
 def train(config: MORLConfig) -> Path:
-    """Train one model per weight vector into the run directory and keep its manifest current."""
+    """Train one model per preference into the run directory and keep its manifest current."""
     check_config(config)
     objectives = build_all(config.objectives)
-    weight_list = expand_weights(config.weights, len(objectives))
+    preferences = parse_preferences(config.preferences, len(objectives))
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prompts, samples = load_training_data(config)
@@ -296,38 +262,33 @@ def train(config: MORLConfig) -> Path:
     stats = fit_normalization(config, objectives, samples)
     method = "morlhf" if config.scalarization == "linear" else "morl"
     options = config.scalarization_options()
-    models: list[dict[str, Any]] = []
-    stages: dict[str, Any] = {}
-    for weights in weight_list:
-        name = preference_dirname(weights)
-        log.info(f"{method} ({config.algorithm}): training for preference {weights.tolist()}")
-        reward = ScalarizedReward(objectives, weights, config.scalarization, options, stats)
-        stage_dir, final_dir = run_dir / "checkpoints" / name, run_dir / "models" / name
-        if (final_dir / "moalign_stage.json").exists():  # finished in an earlier invocation
-            log.info(f"stage {name}: already trained, skipping")
-            stages[name] = json.loads((final_dir / "moalign_stage.json").read_text())
-        elif config.algorithm == "ppo":
-            keep = config.use_peft and config.save_adapter
-            stages[name] = train_ppo(config, config.model_name_or_path, prompts, reward, stage_dir, final_dir, keep)
-        else:
-            stages[name] = train_trl(config, prompts, reward, stage_dir, final_dir)
-        models.append({"preference": weights.tolist(), "path": f"models/{name}"})
-        # The manifest lists finished models only, so an interrupted run is already usable.
+
+    def train_one(preference: np.ndarray, stage_dir: Path, final_dir: Path) -> dict[str, Any]:
+        if (done := finished_stage(final_dir)) is not None:
+            log.info(f"stage {final_dir.name}: already trained, skipping")
+            return done
+        log.info(f"{method} ({config.algorithm}): training for preference {preference.tolist()}")
+        reward = ScalarizedReward(objectives, preference, config.scalarization, options, stats)
+        if config.algorithm == "ppo":
+            keep = config.use_peft and config.save_adapters
+            return train_ppo(config, config.model_name_or_path, prompts, reward, stage_dir, final_dir, keep)
+        return train_trl(config, prompts, reward, stage_dir, final_dir)
+
+    def write(models: list[dict[str, Any]], stages: dict[str, Any]) -> None:
         write_run_manifest(
             config,
             method,
+            PER_PREFERENCE_POLICY,
             algorithm=config.algorithm,
             scalarization=config.scalarization,
             scalarization_options=options,
             beta=config.beta,
             normalization={"method": config.normalization, "stats": stats.to_dict() if stats else None},
             models=models,
-            training={
-                "seconds": sum(s.get("seconds", 0.0) for s in stages.values()),
-                "tokens": sum(s.get("tokens", 0) for s in stages.values()),
-                "stages": stages,
-            },
+            training=training_totals(stages),
         )
+
+    train_per_preference(preferences, run_dir, train_one, on_trained=write)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return run_dir
 

@@ -74,7 +74,7 @@ class ParetoHqDConfig(CommonArguments, SFTConfig):
     stage2_prompts: int = field(default=10000, metadata={"help": "prompts each representative model answers (?)"})
     generation_batch_size: int = field(default=64, metadata={"help": "prompts per generation batch in stage 2"})
     stage2_drop_degenerate: bool = field(
-        default=True, metadata={"help": "drop collapsed stage-2 responses (moalign.evaluate.is_degenerate)"}
+        default=True, metadata={"help": "drop collapsed stage-2 responses (moalign.data.is_degenerate)"}
     )
     save_adapters: bool = field(default=False, metadata={"help": "with use_peft: keep LoRA adapters, not merged"})
     select_only: bool = field(default=False, metadata={"help": "write the selection (JSONL, plots) and exit"})
@@ -392,7 +392,7 @@ def usable_responses(generated: pd.DataFrame, drop_degenerate: bool) -> tuple[pd
     Training on collapsed text is how a per-preference model learns to collapse; duplicates (two
     representative models giving the same answer) would count twice in a preference's k/2.
     """
-    from moalign.evaluate import is_degenerate
+    from moalign.data import is_degenerate
 
     empty = generated["response"].str.strip() == ""
     if drop_degenerate:

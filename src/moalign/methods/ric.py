@@ -25,17 +25,30 @@ from trl import SFTConfig
 
 from moalign import data
 from moalign.errors import MoalignError
-from moalign.generation import SamplingParams, generate, load_model
-from moalign.methods.common import CommonArguments, finished_stage, parse_config, train_sft, write_run_manifest
+from moalign.generation import generate, load_model
+from moalign.methods.common import (
+    CommonArguments,
+    finished_stage,
+    load_training_data,
+    parse_config,
+    sampling_params,
+    score_cache,
+    train_sft,
+    training_totals,
+    write_run_manifest,
+)
 from moalign.objectives import build_all
 from moalign.pareto import validate_weights
 from moalign.policy import ModelPolicy
-from moalign.scores import NormStats, ScoreCache, cache_dir, score
+from moalign.run import atomic_write_parquet, read_json, write_json
+from moalign.scores import NormStats, score
 
 log = logging.getLogger("moalign")
 
 MAPPINGS = ("linf", "l2", "linear", "quantile")
-QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)
+# The quantile mapping's table of the training scores: 1001 levels keep the tails within a 0.1% quantile step
+# (a 101-level table read the top 1% as one straight line, up to 1.3 z off on the demo task).
+QUANTILE_LEVELS = np.linspace(0.0, 1.0, 1001)
 
 
 # --- the reward-in-context prompt: one function for training and inference alike ---------------------
@@ -98,7 +111,7 @@ def preference_to_targets(
     l2 (the reference evaluation script): low + w_i/‖w‖₂·(high − low)
     linear: low + w_i·(high − low)
     quantile: the linf level N·w_i (capped at 1) read through the empirical quantile function of the
-    training scores; `quantiles` is a (levels × N) table at QUANTILE_LEVELS.
+    training scores; `quantiles` is a (levels × N) table at evenly spaced levels from 0 to 1.
     """
     low_a, high_a = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
     w = validate_weights(weights, low_a.size)
@@ -114,7 +127,8 @@ def preference_to_targets(
         if quantiles is None:
             raise MoalignError("the quantile mapping needs the training scores' quantile table")
         table = np.asarray(quantiles, dtype=float)
-        return np.array([np.interp(level[i], QUANTILE_LEVELS, table[:, i]) for i in range(n)])
+        levels = np.linspace(0.0, 1.0, len(table))  # runs written with a coarser table read it as it is
+        return np.array([np.interp(level[i], levels, table[:, i]) for i in range(n)])
     raise MoalignError(f"unknown preference mapping {method!r}; choose one of {', '.join(MAPPINGS)}")
 
 
@@ -163,6 +177,13 @@ class RiCConfig(CommonArguments, SFTConfig):
     online_max_steps: int = field(default=-1, metadata={"help": "max steps of each online SFT (-1: epochs)"})
     online_learning_rate: float = field(default=1e-5, metadata={"help": "learning rate of the online stages"})
     online_lr_scheduler_type: str = field(default="constant", metadata={"help": "scheduler of the online stages"})
+    online_drop_degenerate: bool = field(
+        default=True, metadata={"help": "drop collapsed generations (moalign.data.is_degenerate) before MORS"}
+    )
+    online_min_words: int = field(
+        default=3,
+        metadata={"help": "with online_drop_degenerate, shorter answers count as collapsed (1 keeps short ones)"},
+    )
     generation_batch_size: int = 64
 
 
@@ -184,13 +205,6 @@ def _validate(config: RiCConfig) -> None:
         raise MoalignError("online_iterations must be ≥ 0")
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
-
-
 def _conditioned(frame: pd.DataFrame, names: list[str], template: RewardTemplate) -> datasets.Dataset:
     """prompt/completion rows whose prompts carry the samples' normalised scores."""
     z = frame[[f"z_{name}" for name in names]].to_numpy()
@@ -208,17 +222,25 @@ class RiCRecipe:
         self.objectives = build_all(config.objectives)
         self.names = [o.name for o in self.objectives]
         self.template = _template(config, self.names)
-        self.cache = ScoreCache(config.score_cache or cache_dir() / "scores.sqlite")
+        self.cache = score_cache(config)
         self.stages: dict[str, Any] = {}
+        self.generate_stats: dict[str, Any] = {}
+
+    def record(self, name: str, stats: dict[str, Any] | None = None) -> None:
+        """Keep a data stage's statistics beside its data, so a resumed run's manifest still has them."""
+        path = self.run_dir / "data" / f"{name}.json"
+        if stats is not None:
+            write_json(path, stats)
+        if path.exists():
+            self.stages[name] = read_json(path)
 
     def prepare(self) -> pd.DataFrame:
         path = self.run_dir / "data" / "offline.parquet"
         if path.exists():
+            self.record("prepare")
             return pd.read_parquet(path)
-        dataset = data.load(self.config.dataset, self.config.dataset_split)
-        if self.config.max_samples:
-            dataset = dataset.select(range(min(self.config.max_samples, len(dataset))))
-        prompts, responses = data.to_samples(dataset)
+        start = time.perf_counter()
+        prompts, responses = data.to_samples(load_training_data(self.config))
         raw = score(self.objectives, prompts, responses, cache=self.cache)
         stats = NormStats.fit(raw, self.names)
         z = stats.zscore(stats.matrix(raw))
@@ -226,7 +248,8 @@ class RiCRecipe:
         for i, name in enumerate(self.names):
             frame[name] = raw[name]
             frame[f"z_{name}"] = z[:, i]
-        _write_parquet(frame, path)
+        atomic_write_parquet(frame, path)
+        self.record("prepare", {"seconds": time.perf_counter() - start, "samples": len(frame)})
         return frame
 
     def stats(self, offline: pd.DataFrame) -> NormStats:
@@ -249,13 +272,17 @@ class RiCRecipe:
         generated_path = self.run_dir / "data" / f"{name}.parquet"
         final = self.run_dir / "stages" / name
         if (done := finished_stage(final)) is not None:
+            self.record(f"generate_{k}")
             self.stages[name] = done
             return final
         z_offline = offline[[f"z_{n}" for n in self.names]].to_numpy()
         low, high = z_offline.min(axis=0), z_offline.max(axis=0)
         if not generated_path.exists():
             generated = self.generate_online(k, model_dir, offline, stats, low, high)
-            _write_parquet(generated, generated_path)
+            atomic_write_parquet(generated, generated_path)
+            self.record(f"generate_{k}", self.generate_stats)
+        else:
+            self.record(f"generate_{k}")
         # The buffer grows: every earlier iteration's kept samples stay in.
         buffer = pd.concat([pd.read_parquet(self.run_dir / "data" / f"online_{j}.parquet") for j in range(1, k + 1)])
         buffer = buffer[buffer["kept"]]
@@ -287,8 +314,6 @@ class RiCRecipe:
         self, k: int, model_dir: Path, offline: pd.DataFrame, stats: NormStats, low: np.ndarray, high: np.ndarray
     ) -> pd.DataFrame:
         """Generate for sampled targets, drop degenerate responses, score, relabel (hindsight), filter."""
-        from moalign.evaluate import is_degenerate
-
         config = self.config
         rng = np.random.default_rng(config.seed + 1000 * k)
         unique_prompts = offline["prompt"].unique()
@@ -296,13 +321,9 @@ class RiCRecipe:
         targets = sample_targets(len(prompts), low, high, rng)
         model, tokenizer = load_model(str(model_dir))
         start = time.perf_counter()
+        # Stop at a turn the model invents ("\n\nHuman: ..."): it is not part of the answer to score and train on.
         params = [
-            SamplingParams(
-                max_new_tokens=config.sample_max_new_tokens,
-                temperature=config.sample_temperature,
-                top_p=config.sample_top_p,
-                seed=config.seed + 100_000 * k + i,
-            )
+            sampling_params(config, seed=config.seed + 100_000 * k + i, stop=data.TURN_MARKERS)
             for i in range(len(prompts))
         ]
         conditioned = [format_prompt(p, t, self.template) for p, t in zip(prompts, targets)]
@@ -310,7 +331,11 @@ class RiCRecipe:
         seconds = time.perf_counter() - start
         del model
         responses = [c.text.strip() for c in completions]
-        fine = [i for i, r in enumerate(responses) if not is_degenerate(r)]
+        fine = [
+            i
+            for i, r in enumerate(responses)
+            if not (config.online_drop_degenerate and data.is_degenerate(r, config.online_min_words))
+        ]
         frame = pd.DataFrame({"prompt": [prompts[i] for i in fine], "response": [responses[i] for i in fine]})
         raw = score(self.objectives, frame["prompt"], frame["response"], cache=self.cache)
         z = stats.zscore(stats.matrix(raw))  # hindsight relabelling with the offline statistics
@@ -322,15 +347,16 @@ class RiCRecipe:
             f"online {k}: generated {len(prompts)} in {seconds:.1f}s, {len(prompts) - len(fine)} degenerate, "
             f"kept {int(frame['kept'].sum())}"
         )
-        self.stages[f"generate_{k}"] = {
+        self.generate_stats = {
             "seconds": seconds,
             "tokens": int(sum(len(c.token_ids) for c in completions)),
+            "generated": len(prompts),
             "degenerate": len(prompts) - len(fine),
+            "kept": int(frame["kept"].sum()),
         }
         return frame
 
     def run(self) -> Path:
-        start = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         offline = self.prepare()
         stats = self.stats(offline)
@@ -343,6 +369,7 @@ class RiCRecipe:
         write_run_manifest(
             self.config,
             "ric",
+            "moalign.methods.ric:RiCPolicy",
             model=str(model_dir.relative_to(self.run_dir)),
             stage_models=stage_models,
             stats=stats.to_dict(),
@@ -353,11 +380,7 @@ class RiCRecipe:
                 "high": z.max(axis=0).tolist(),
                 "quantiles": np.quantile(z, QUANTILE_LEVELS, axis=0).tolist(),
             },
-            training={
-                "seconds": time.perf_counter() - start,
-                "tokens": int(sum(s.get("tokens", 0) for s in self.stages.values())),
-                "stages": self.stages,
-            },
+            training=training_totals(self.stages),
         )
         return self.run_dir
 

@@ -5,7 +5,6 @@ Usage: moalign sft --config configs/sft_demo.yaml [--flag value ...]
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,15 @@ import datasets
 from trl import SFTConfig
 
 from moalign import data
-from moalign.methods.common import CommonArguments, parse_config, train_sft, write_run_manifest
+from moalign.methods.common import (
+    CommonArguments,
+    load_training_data,
+    parse_config,
+    train_sft,
+    training_totals,
+    write_run_manifest,
+)
+from moalign.policy import FIXED_POLICY
 
 
 @dataclass
@@ -32,19 +39,9 @@ def preferred_completions(dataset: datasets.Dataset) -> datasets.Dataset:
 def train(config: SFTRunConfig) -> Path:
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    source = data.load(config.dataset, config.dataset_split)
-    if config.max_samples:
-        source = source.select(range(min(config.max_samples, len(source))))
-    start = time.perf_counter()
-    stats = train_sft(
-        config.model_name_or_path, preferred_completions(source), config, run_dir / "checkpoints", run_dir / "model"
-    )
-    write_run_manifest(
-        config,
-        "sft",
-        model="model",
-        training={"seconds": time.perf_counter() - start, "tokens": stats["tokens"], "stages": {"sft": stats}},
-    )
+    dataset = preferred_completions(load_training_data(config))
+    stats = train_sft(config.model_name_or_path, dataset, config, run_dir / "checkpoints", run_dir / "model")
+    write_run_manifest(config, "sft", FIXED_POLICY, model="model", training=training_totals({"sft": stats}))
     return run_dir
 
 

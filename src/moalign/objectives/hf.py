@@ -8,15 +8,10 @@ import numpy as np
 import torch
 
 from moalign.errors import MoalignError
+from moalign.models import ModelOptions, load_pretrained, load_tokenizer, pick_device
 from moalign.objectives.base import Objective, register
 
 INPUT_MODES = ("concat", "pair", "response")
-
-
-def pick_device(device: str = "auto") -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @register(
@@ -37,30 +32,25 @@ class HFRewardModel(Objective):
         device: str = "auto",
         sort: bool = True,
     ):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         if not argument:
             raise MoalignError("hf objective needs a model: hf:PATH_OR_HUB_ID")
         if input not in INPUT_MODES:
             raise MoalignError(f"hf:{argument}: input must be one of {', '.join(INPUT_MODES)}, got {input!r}")
-        if not hasattr(torch, str(dtype)):
-            raise MoalignError(f"hf:{argument}: unknown dtype {dtype!r}")
         self.path = argument
         self.name = os.path.basename(argument.rstrip("/")) or argument
         self.input, self.logit, self.max_length = input, int(logit), int(max_length)
         self.batch_size, self.sort = int(batch_size), bool(sort)
         self.device = pick_device(device)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(argument)
-            self.model = AutoModelForSequenceClassification.from_pretrained(argument, dtype=getattr(torch, dtype)).to(
-                self.device
+            self.tokenizer = load_tokenizer(argument)
+            self.model = load_pretrained(
+                argument, ModelOptions(dtype=dtype), self.device, auto_class=AutoModelForSequenceClassification
             )
-        except OSError as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise MoalignError(f"hf:{argument}: cannot load the reward model ({first_line})") from None
+        except MoalignError as error:
+            raise MoalignError(f"hf:{argument}: {error}") from None
         self.model.eval()
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.logit >= self.model.config.num_labels:
