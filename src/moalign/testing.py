@@ -92,15 +92,17 @@ def build_classifier(
 
 
 class ServerThread:
-    """A FastAPI app under a real uvicorn on 127.0.0.1 (a free port), in a background thread."""
+    """A FastAPI app under a real uvicorn on 127.0.0.1 (a free port), in a background thread; `options` go to
+    `uvicorn.Config`."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, **options: Any):
         import threading
 
         import uvicorn
 
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **options)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ServerThread:
@@ -131,6 +133,7 @@ class ServerThread:
 def serve_run(run_dir: str | Path, **options: Any) -> ServerThread:
     """`moalign serve RUN_DIR` as a test server; options are ServeConfig fields."""
     from moalign.policy import load_policy
-    from moalign.serve import ServeConfig, create_app
+    from moalign.serve import ServeConfig, create_app, uvicorn_options
 
-    return ServerThread(create_app(load_policy(run_dir, device="cpu"), ServeConfig(**options)))
+    config = ServeConfig(**options)
+    return ServerThread(create_app(load_policy(run_dir, device="cpu"), config), **uvicorn_options(config))
