@@ -8,7 +8,6 @@ which the server's request batching relies on, and each token's log-probability 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moalign.errors import MoalignError
+from moalign.models import ModelOptions, load_for_generation, pick_device  # noqa: F401  (pick_device: re-exported)
 
 
 @dataclass
@@ -56,33 +56,9 @@ class Completion:
 TokenCallback = Callable[[int, list[int], bool], None]
 
 
-def pick_device(device: str = "auto") -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(path: str, device: str = "auto", dtype: str = "auto", adapter: str | None = None):
-    """Load a causal LM (optionally with a PEFT adapter) and a left-padding tokenizer for generation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = pick_device(device)
-    adapter_config = os.path.join(path, "adapter_config.json")
-    if adapter is None and os.path.exists(adapter_config):  # a LoRA adapter folder: load its base first
-        with open(adapter_config) as handle:
-            adapter, path = path, json.load(handle)["base_model_name_or_path"]
-    torch_dtype = (torch.bfloat16 if device == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(adapter or path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except OSError as error:
-        raise MoalignError(f"cannot load model {path} ({str(error).strip().splitlines()[0]})") from None
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    prepare_tokenizer(tokenizer)
-    return model.to(device).eval(), tokenizer
+def load_model(path: str, device: str = "auto", dtype: str = "auto", options: ModelOptions | None = None):
+    """A causal LM (a PEFT adapter folder loads onto its base) and a left-padding tokenizer for generation."""
+    return load_for_generation(path, device, options or ModelOptions(dtype=dtype))
 
 
 def prepare_tokenizer(tokenizer) -> None:

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from trl import RewardConfig
 
 from moalign import data
@@ -123,19 +122,16 @@ def judge_pairs(frame: pd.DataFrame, principle: str, min_margin: float = 0.0) ->
 # ----------------------------------------------------------------------------- training
 
 
-def load_backbone(path: str):
+def load_backbone(path: str, config: PMConfig):
     """Any sequence-classification backbone with one output (a causal LM checkpoint gets a new head)."""
     from transformers import AutoModelForSequenceClassification
 
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, ignore_mismatched_sizes=True, dtype=torch.float32
-        )
-    except (OSError, ValueError) as error:
-        raise MoalignError(
-            f"cannot load {path} as a sequence classifier ({str(error).strip().splitlines()[0]})"
-        ) from None
-    return model
+    from moalign.models import ModelOptions, load_pretrained
+
+    options = ModelOptions.from_config(config)
+    return load_pretrained(
+        path, options, auto_class=AutoModelForSequenceClassification, num_labels=1, ignore_mismatched_sizes=True
+    )
 
 
 def train_principle(config: PMConfig, principle: str, pairs: pd.DataFrame, run_dir: Path) -> dict[str, Any]:
@@ -155,7 +151,7 @@ def train_principle(config: PMConfig, principle: str, pairs: pd.DataFrame, run_d
         columns["margin"] = (config.margin_scale * pairs["margin"].to_numpy(float)).tolist()
     stage_dir = run_dir / "checkpoints" / principle
     tokenizer = load_tokenizer(config.model_name_or_path)
-    model = load_backbone(config.model_name_or_path)
+    model = load_backbone(config.model_name_or_path, config)
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = RewardTrainer(
         model=model,
@@ -330,6 +326,7 @@ def train(config: PMConfig) -> Path:
     write_run_manifest(
         config,
         "pm",
+        None,
         objectives=specs,
         objective_names=list(entries),
         principles=entries,
