@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
-from moalign import cli
+from moalign import cli, data
 from moalign.errors import MoalignError
 from moalign.methods import feedback as fb
 from moalign.run import write_manifest
@@ -139,11 +141,18 @@ def test_judge_through_moalign_serve_resumes_after_a_kill_without_asking_twice(
         assert np.allclose(local[column], labels[column], atol=1e-4)
 
 
-def test_chat_endpoint_of_moalign_serve(server, tmp_path, monkeypatch):
+def test_chat_endpoint_of_moalign_serve(server, judge_run, tmp_path, monkeypatch):
+    """Through chat the server wraps the question as one HH turn: the local judge asked that turn agrees."""
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    principles = fb.load_principles(["toxicity"])
     judge = fb.build_judge("openai:judge", base_url=f"{server.url}/v1", api="chat", concurrency=1)
-    labels = fb.collect(pairs()[:1], fb.load_principles(["toxicity"]), judge, tmp_path, progress=False)
-    assert np.isfinite(labels["toxicity.margin"]).all()
+    labels = fb.collect(pairs()[:2], principles, judge, tmp_path / "chat", progress=False)
+    turn = f"{data.HUMAN} {fb.TEMPLATE}{data.ASSISTANT}"
+    local = fb.collect(
+        pairs()[:2], principles, fb.build_judge(f"hf:{judge_run / 'model'}"), tmp_path / "hf", turn, progress=False
+    )
+    for column in ("toxicity.logp_A", "toxicity.logp_B"):
+        assert np.allclose(labels[column], local[column], atol=1e-4)
 
 
 def test_order_averaging_cancels_a_position_bias(tmp_path):
@@ -192,39 +201,27 @@ def test_principles_builtin_file_and_inline(tmp_path):
         fb.load_principles("helpfulness,kindness")
 
 
-def test_retries_back_off_exponentially_then_fail_in_one_line(monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    slept: list[float] = []
-    judge = fb.build_judge(
-        "openai:judge", base_url="http://127.0.0.1:9/v1", max_retries=3, concurrency=1, sleep=slept.append
-    )
-    with pytest.raises(MoalignError, match="APIConnectionError after 4 tries") as error:
-        judge.answer("which?")
-    assert "\n" not in str(error.value)
-    assert len(slept) == 3 and all(0.5 * 2**i <= s <= 2**i for i, s in enumerate(slept))
-
-
-def test_429_is_retried_after_the_servers_retry_after():
-    """A server that rate-limits twice (with Retry-After: 3), then answers."""
-    calls = []
+def scripted_server(script: list[tuple[int, dict[str, str]]]) -> tuple[http.server.ThreadingHTTPServer, list[float]]:
+    """A real HTTP server answering the i-th request with script[i] (status, headers): 200 is a completion
+    whose top logprobs are " B": -0.1, " A": -2.5. Returns the server and the arrival time of each request."""
+    arrivals: list[float] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             self.rfile.read(int(self.headers["Content-Length"]))
-            calls.append(self.path)
-            if len(calls) <= 2:
-                body, status, extra = b'{"error": {"message": "slow down"}}', 429, [("Retry-After", "3")]
-            else:
-                choice = {"index": 0, "text": " B", "finish_reason": "length"}
-                choice["logprobs"] = {
-                    "tokens": [" B"],
-                    "token_logprobs": [-0.1],
-                    "top_logprobs": [{" B": -0.1, " A": -2.5}],
-                }
+            arrivals.append(time.monotonic())
+            status, headers = script[min(len(arrivals), len(script)) - 1]
+            if status == 200:
+                logprobs = {"tokens": [" B"], "token_logprobs": [-0.1], "top_logprobs": [{" B": -0.1, " A": -2.5}]}
+                choice = {"index": 0, "text": " B", "finish_reason": "length", "logprobs": logprobs}
                 payload = {"id": "x", "object": "text_completion", "created": 0, "model": "m", "choices": [choice]}
-                body, status, extra = json.dumps(payload).encode(), 200, []
+            else:
+                payload = {"error": {"message": f"status {status}\nsecond line"}}
+            body = json.dumps(payload).encode()
             self.send_response(status)
-            for name, value in [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *extra]:
+            for name, value in [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]:
+                self.send_header(name, value)
+            for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
@@ -234,25 +231,39 @@ def test_429_is_retried_after_the_servers_retry_after():
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, arrivals
+
+
+def ask_scripted(script: list[tuple[int, dict[str, str]]], max_retries: int) -> tuple[fb.Answer | Exception, list]:
+    httpd, arrivals = scripted_server(script)
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    judge = fb.OpenAIJudge("m", base_url=url, api="completions", max_retries=max_retries, concurrency=1)
     try:
-        slept: list[float] = []
-        judge = fb.OpenAIJudge(
-            "m", base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api="completions", sleep=slept.append
-        )
-        answer = judge.answer("which?")
+        return judge.answer("which?"), arrivals
+    except MoalignError as error:
+        return error, arrivals
     finally:
         httpd.shutdown()
-    assert (answer.logp_A, answer.logp_B) == (-2.5, -0.1)
-    assert len(calls) == 3 and slept == [3.0, 3.0]
 
 
-def test_rate_limiter_spaces_requests():
-    now = [0.0]
-    limiter = fb.RateLimiter(10.0, clock=lambda: now[0])
-    slept: list[float] = []
-    for _ in range(3):
-        limiter.wait(slept.append)
-    assert slept == pytest.approx([0.1, 0.2])
+def test_429_waits_as_long_as_the_servers_retry_after():
+    """The client's own first back-off is at most 0.5 s: a 2 s gap means Retry-After was honoured."""
+    answer, arrivals = ask_scripted([(429, {"Retry-After": "2"}), (200, {})], max_retries=3)
+    assert isinstance(answer, fb.Answer) and (answer.logp_A, answer.logp_B) == (-2.5, -0.1)
+    assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 1.95
+
+
+def test_server_errors_are_retried_then_fail_in_one_line(monkeypatch):
+    error, arrivals = ask_scripted([(500, {})], max_retries=2)
+    assert len(arrivals) == 3  # one try and two retries
+    assert isinstance(error, MoalignError) and "\n" not in str(error)
+    assert "InternalServerError after 3 tries (" in str(error)
+    error, arrivals = ask_scripted([(401, {}), (200, {})], max_retries=2)
+    assert len(arrivals) == 1 and "HTTP 401" in str(error)  # a wrong key is not retried
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    nobody = fb.build_judge("openai:judge", base_url="http://127.0.0.1:9/v1", max_retries=1, concurrency=1)
+    with pytest.raises(MoalignError, match="APIConnectionError after 2 tries"):
+        nobody.answer("which?")
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, judge_run, capsys):
@@ -275,10 +286,26 @@ def test_bad_input_is_a_one_line_error(tmp_path, judge_run, capsys):
     err = capsys.readouterr().err.strip()
     assert "unknown principle 'kindness'" in err and "\n" not in err
 
-    # The command line end to end with the local judge; then another judge may not write into the same log.
-    assert cli.main([*base, f"hf:{judge_run / 'model'}", "--principles", "detail", "--batch_size", "2"]) == 0
+    # The command line end to end with the local judge, from a recipe file's `feedback:` section (with a
+    # principle defined inline) plus a kebab-case flag; then another judge may not write into the same log.
+    recipe = tmp_path / "morlaif.yaml"
+    section = {
+        "dataset": str(dataset),
+        "output_dir": str(tmp_path / "out"),
+        "judge": f"hf:{judge_run / 'model'}",
+        "principles": ["detail", {"politeness": "Which response is more polite?"}],
+    }
+    recipe.write_text(yaml.safe_dump({"feedback": section, "pm": {"margin_scale": 0.0}}))
+    assert cli.main(["feedback", "--config", str(recipe), "--batch-size", "2"]) == 0
     labels = pd.read_parquet(tmp_path / "out" / fb.LABELS)
-    assert labels["human"].tolist() == ["A"] * 3 and "detail.margin" in labels
+    assert labels["human"].tolist() == ["A"] * 3 and {"detail.margin", "politeness.margin"} <= set(labels)
+    settings = json.loads((tmp_path / "out" / fb.SETTINGS).read_text())
+    assert settings["principles"]["politeness"] == "Which response is more polite?"
+    before = (tmp_path / "out" / fb.LABELS).read_bytes()
     other = ["openai:other", "--base_url", "http://127.0.0.1:9/v1", "--principles", "detail"]
     assert cli.main([*base, *other]) == 2
     assert "holds feedback from judge" in capsys.readouterr().err
+    assert (tmp_path / "out" / fb.LABELS).read_bytes() == before
+    recipe.write_text(yaml.safe_dump({"feedback": {**section, "judge_kind": "hf"}}))
+    assert cli.main(["feedback", "--config", str(recipe)]) == 2
+    assert "unknown keys judge_kind" in capsys.readouterr().err
