@@ -30,7 +30,7 @@ SECTION = "ParetoHqD"
 
 # quick: a smoke-sized run (6 preferences, few steps); full: the demo config as written
 QUICK = {
-    "grid_divisions": 5,
+    "preferences": ["grid:5"],
     "k": 50,
     "stage1_max_steps": 60,
     "stage2_max_steps": 30,
@@ -95,16 +95,16 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "train_seconds": training["seconds"],
         "tokens": training["tokens"],
         "scoring_seconds": parts["scoring"]["seconds"],
-        "stage1_seconds": sum(s["seconds"] for s in parts["stage1"].values()),
-        "stage1_tokens": sum(s["tokens"] for s in parts["stage1"].values()),
-        "models": len(parts["stage1"]),
+        "stage1_seconds": parts["stage1"]["seconds"],
+        "stage1_tokens": parts["stage1"]["tokens"],
+        "models": len(parts["stage1"]["stages"]),
     }
     if "stage2" in parts:
         info.update(
             stage2_generation_seconds=parts["stage2_generation"]["seconds"],
             stage2_generation_tokens=parts["stage2_generation"]["tokens"],
-            stage2_seconds=sum(s["seconds"] for s in parts["stage2"].values()),
-            stage2_tokens=sum(s["tokens"] for s in parts["stage2"].values()),
+            stage2_seconds=parts["stage2"]["seconds"],
+            stage2_tokens=parts["stage2"]["tokens"],
             stage1_run_dir=str(stage1_run(run_dir, run_dir.parent / f"{run_dir.name}_stage1")),
         )
     return info

@@ -194,7 +194,7 @@ def command(tiny_lm: Path, samples: Path, run_dir: Path, *extra: str) -> list[st
 
 def test_select_only_writes_the_selection(tiny_lm, samples, tmp_path):
     run_dir = tmp_path / "select"
-    args = ["--select_only", "--grid_divisions", "2", "--k", "3", "--n_layers", "2"]
+    args = ["--select_only", "--preferences", "grid:2", "--k", "3", "--n_layers", "2"]
     assert main(command(tiny_lm, samples, run_dir, *args)) == 0
     folder = run_dir / "selection" / "stage1"
     for name in ("w0-1", "w0.5-0.5", "w1-0"):

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from moalign.run import atomic_write_text
+from moalign.run import atomic_write, atomic_write_text
 
 MAX_PANELS = 6  # pairwise projections drawn for N ≥ 3 objectives
 
@@ -119,13 +119,59 @@ def plot_fronts(fronts: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pa
         axes[0][0].legend(fontsize=8, loc="best")
         fig.suptitle("pairwise projections of the fronts (filled: non-dominated in all objectives)")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as a PNG atomically and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    _pyplot().close(fig)
     return path
+
+
+def plot_selection(
+    path: Path,
+    points: np.ndarray,
+    pool: np.ndarray,
+    names: list[str],
+    preferences: Sequence[np.ndarray],
+    selections: Sequence[np.ndarray],
+    max_background: int = 20000,
+) -> None:
+    """Normalised scores (grey), the first layers (blue), each ray and its selected samples, per objective pair.
+
+    N=2 is one scatter; N≥3 shows every pairwise projection (the rays projected with them).
+    """
+    plt = _pyplot()
+    n = points.shape[1]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.4), squeeze=False)
+    rng = np.random.default_rng(0)
+    background = np.arange(len(points))
+    if len(background) > max_background:
+        background = np.sort(rng.choice(background, max_background, replace=False))
+    colors = plt.get_cmap("viridis")(np.linspace(0, 1, max(2, len(preferences))))
+    single = len(preferences) == 1
+    for ax, (i, j) in zip(axes[0], pairs):
+        ax.scatter(points[background, i], points[background, j], s=4, c="0.82", label="scored data", rasterized=True)
+        ax.scatter(points[pool, i], points[pool, j], s=6, c="tab:blue", alpha=0.5, label="first layers")
+        for c, (w, chosen) in enumerate(zip(preferences, selections)):
+            w = np.asarray(w, dtype=float)
+            end = 1.0 + (w - 1.0) / max(1e-12, float(np.max(1.0 - w)))  # where the ray leaves the unit box
+            color = "tab:red" if single else colors[c]
+            label = f"w = {', '.join(f'{x:.2g}' for x in w)}"
+            ax.plot([1.0, end[i]], [1.0, end[j]], "--", color=color, lw=1.2, label=label)
+            ax.scatter(points[chosen, i], points[chosen, j], s=16, color=color, edgecolor="k", lw=0.3, zorder=3)
+        ax.set_xlabel(f"{names[i]} (min-max)")
+        ax.set_ylabel(f"{names[j]} (min-max)")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_ylim(-0.03, 1.03)
+    title = f"ParetoHqD selection, w = {np.round(preferences[0], 3).tolist()}" if single else "ParetoHqD selections"
+    fig.suptitle(title)
+    axes[0][0].legend(loc="lower left", fontsize=7, ncol=1 if len(preferences) <= 6 else 2)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def _number(value: Any, digits: int = 4) -> str:
