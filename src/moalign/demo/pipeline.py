@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moalign.configs import FOLDER as SHIPPED_CONFIGS
 from moalign.errors import MoalignError
 from moalign.methods.common import objective_names, parse_config
 from moalign.run import read_manifest, write_manifest
 
 log = logging.getLogger("moalign")
-
-REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def demo_objectives(config_path: Path) -> list[str]:
@@ -59,7 +58,7 @@ def method_config(config_class, yaml_path: Path, **values):
     return parse_config(config_class, argv)
 
 
-def train_demo_runs(out: Path, configs: Path = REPO_CONFIGS, n_eval_prompts: int = 128) -> dict[str, float]:
+def train_demo_runs(out: Path, configs: Path = SHIPPED_CONFIGS, n_eval_prompts: int = 128) -> dict[str, float]:
     """Train (or reuse) the base, SFT and RiC runs of the demo under `out`; returns seconds per step."""
     from moalign.demo.task import prepare_task
     from moalign.methods import ric, sft
@@ -135,7 +134,7 @@ def run_demo(out: Path, configs: Path, n_eval_prompts: int, divisions: int) -> P
 def cli(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="moalign demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/demo", help="where the three runs and the report go")
-    parser.add_argument("--configs", default=str(REPO_CONFIGS), help="folder with ric_demo.yaml and sft_demo.yaml")
+    parser.add_argument("--configs", default=str(SHIPPED_CONFIGS), help="folder with ric_demo.yaml and sft_demo.yaml")
     parser.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per preference")
     parser.add_argument("--divisions", type=int, default=10, help="preference grid resolution")
     args = parser.parse_args(argv)
