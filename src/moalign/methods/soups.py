@@ -12,8 +12,6 @@ not); any other mix is merged into full weights first and averaged tensor by ten
 from __future__ import annotations
 
 import copy
-import json
-import os
 import shutil
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -24,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from moalign.errors import MoalignError
-from moalign.generation import Completion, generate, load_model, pick_device, prepare_tokenizer
+from moalign.errors import MoalignError, first_line
+from moalign.generation import Completion, generate, load_model, prepare_tokenizer
+from moalign.methods.common import parse_config
+from moalign.models import adapter_base, load_tokenizer, pick_device
 from moalign.policy import Policy
-from moalign.run import MANIFEST, read_manifest
+from moalign.run import MANIFEST, atomic_path, read_manifest
 
-ADAPTER_CONFIG = "adapter_config.json"
-# config.json fields that must agree for two models' weights to be averaged
+# config fields that must agree for two models' weights to be averaged
 ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer")
 
 
@@ -117,20 +116,19 @@ def resolve_ingredient(path: str, objective: str, index: int, n_objectives: int)
         if manifest.get("model"):
             return (folder / manifest["model"]).resolve()
         raise MoalignError(f"ingredient run {path} lists neither 'model' nor 'models' in its {MANIFEST}")
-    if (folder / "config.json").exists() or (folder / ADAPTER_CONFIG).exists():
+    if (folder / "config.json").exists() or adapter_base(str(folder)) is not None:
         return folder.resolve()
     raise MoalignError(f"ingredient {path} is not a model folder, a LoRA adapter folder or a run directory")
 
 
 def _architecture(folder: Path) -> dict[str, Any] | None:
-    """The config.json fields that must agree, following an adapter to its base where that is local."""
-    if (folder / ADAPTER_CONFIG).exists():
-        base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
-        folder = Path(base)
-    config = folder / "config.json"
-    if not config.exists():
-        return None  # a hub id: checked when the policy loads the weights
-    values = json.loads(config.read_text())
+    """The config fields that must agree, following an adapter to its base."""
+    from transformers import AutoConfig
+
+    try:
+        values = AutoConfig.from_pretrained(adapter_base(str(folder)) or str(folder)).to_dict()
+    except OSError:
+        return None  # a hub id not in the local cache: checked when the policy loads the weights
     return {key: values[key] for key in ARCHITECTURE_FIELDS if key in values}
 
 
@@ -167,23 +165,17 @@ def train(config: SoupsConfig) -> Path:
     for name, folder in zip(names, folders):
         path = str(folder)
         if config.copy_ingredients:
-            destination = run_dir / "ingredients" / name
-            tmp = destination.with_name(f".{name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(folder, tmp)
-            shutil.rmtree(destination, ignore_errors=True)
-            os.replace(tmp, destination)
+            with atomic_path(run_dir / "ingredients" / name) as tmp:
+                shutil.copytree(folder, tmp)
             path = f"ingredients/{name}"
         entries.append({"objective": name, "path": path})
     if not config.model_name_or_path:
-        adapter = folders[0] / ADAPTER_CONFIG
-        config.model_name_or_path = (
-            json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.exists() else str(folders[0])
-        )
+        config.model_name_or_path = adapter_base(str(folders[0])) or str(folders[0])
     stages = {name: _stage_stats(folder) for name, folder in zip(names, folders)}
     write_run_manifest(
         config,
         "soups",
+        "moalign.methods.soups:SoupPolicy",
         ingredients=entries,
         training={  # a soup costs nothing itself; its ingredients' training is what it cost
             "seconds": sum(s.get("seconds", 0.0) for s in stages.values()),
@@ -195,20 +187,8 @@ def train(config: SoupsConfig) -> Path:
 
 
 def parse_soups_config(argv: list[str]) -> SoupsConfig:
-    """`--config FILE.yaml` plus flags, as the other methods (it has no TRL trainer config to extend)."""
-    from trl import TrlParser
-
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv) or not os.path.exists(argv[index + 1]):
-            raise MoalignError(
-                f"config file {argv[index + 1] if index + 1 < len(argv) else '(missing)'} does not exist"
-            )
-    try:
-        (config,) = TrlParser((SoupsConfig,)).parse_args_and_config(argv)
-    except ValueError as error:
-        raise MoalignError(str(error).strip().splitlines()[0]) from None
-    return config
+    """`--config FILE.yaml` plus flags through TRL's parser, as every method (nothing to train: no base model)."""
+    return parse_config(SoupsConfig, argv, required=("output_dir",))
 
 
 def cli(argv: list[str]) -> None:
@@ -217,17 +197,17 @@ def cli(argv: list[str]) -> None:
 
 def _lora_soupable(folders: list[Path]) -> bool:
     """PEFT's exact "cat" combination applies: plain LoRA adapters (no DoRA, rsLoRA, extra modules) on one base."""
-    configs = []
-    for folder in folders:
-        if not (folder / ADAPTER_CONFIG).exists():
-            return False
-        configs.append(json.loads((folder / ADAPTER_CONFIG).read_text()))
+    from peft import PeftConfig, PeftType
+
+    if any(adapter_base(str(folder)) is None for folder in folders):
+        return False
+    configs = [PeftConfig.from_pretrained(str(folder)) for folder in folders]
     return all(
-        c.get("peft_type", "LORA") == "LORA"
-        and not c.get("use_dora")
-        and not c.get("use_rslora")
-        and not c.get("modules_to_save")
-        and c.get("base_model_name_or_path") == configs[0].get("base_model_name_or_path")
+        c.peft_type == PeftType.LORA
+        and not c.use_dora
+        and not c.use_rslora
+        and not c.modules_to_save
+        and c.base_model_name_or_path == configs[0].base_model_name_or_path
         for c in configs
     )
 
@@ -267,19 +247,16 @@ class SoupPolicy(Policy):
         prepare_tokenizer(self.tokenizer)
 
     def _load_adapters(self) -> None:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from peft import AutoPeftModelForCausalLM
 
-        base = json.loads((self.folders[0] / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-        try:
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=self.dtype)
-            # save_final keeps the tokenizer beside an adapter; a bare adapter uses its base's
-            has_tokenizer = (self.folders[0] / "tokenizer_config.json").exists()
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.folders[0]) if has_tokenizer else base)
-        except OSError as error:
-            raise MoalignError(f"cannot load base model {base} ({str(error).strip().splitlines()[0]})") from None
         self.adapter_names = [f"ingredient{i}" for i in range(len(self.folders))]
-        model = PeftModel.from_pretrained(model, str(self.folders[0]), adapter_name=self.adapter_names[0])
+        try:  # the first adapter brings its base model; the others join it
+            model = AutoPeftModelForCausalLM.from_pretrained(
+                str(self.folders[0]), adapter_name=self.adapter_names[0], dtype=self.dtype
+            )
+        except OSError as error:
+            raise MoalignError(f"cannot load ingredient {self.folders[0]} ({first_line(error)})") from None
+        self.tokenizer = load_tokenizer(str(self.folders[0]))  # a bare adapter uses its base's
         for name, folder in zip(self.adapter_names[1:], self.folders[1:]):
             model.load_adapter(str(folder), adapter_name=name)
         self.model = model.to(self.device).eval()
@@ -326,8 +303,7 @@ class SoupPolicy(Policy):
             self.model.add_weighted_adapter(self.adapter_names, list(weights), name, combination_type="cat")
             return name
         model = copy.deepcopy(self.template)
-        for name, tensor in model.state_dict().items():
-            tensor.copy_(soup_tensor([sd[name] for sd in self.state_dicts], weights))
+        model.load_state_dict(soup_state_dict(self.state_dicts, weights))
         return model.to(self.device).eval()
 
     def _complete(self, prompts, weights, params) -> list[Completion]:
