@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -62,36 +64,54 @@ def test_ray_distance_by_hand():
     assert corner.tolist() == pytest.approx([0.0, 0.4])
 
 
-@pytest.mark.parametrize("method", SCALARIZATIONS)
-def test_scalarize_batch_equals_row_by_row(method):
+# --- scalarisations (MORLAIF, Williams 2024), checked against values worked out by hand ---------------
+
+SCALARIZATION_CASES = [(method, {}) for method in SCALARIZATIONS] + [
+    ("bernoulli_nash", {"positive": "shift", "shift": 20.0}),
+    ("soft_max_min", {"temperature": 0.25}),
+    ("uncertainty_weighted", {"uncertainty_penalty": 3.0}),
+]
+
+
+@pytest.mark.parametrize(("method", "options"), SCALARIZATION_CASES)
+def test_scalarize_reduces_each_sample_on_its_own(method, options):
     rng = np.random.default_rng(0)
-    rewards = rng.normal(size=(16, 5)) * 3  # includes negative scores (Bernoulli–Nash must cope)
-    weights = np.array([0.1, 0.2, 0.3, 0.25, 0.15])
-    batch = scalarize(rewards, weights, method)
-    rows = np.array([scalarize(row[None, :], weights, method)[0] for row in rewards])
-    assert batch.shape == (16,)
-    assert np.allclose(batch, rows)
-    assert np.isfinite(batch).all()
+    rewards = rng.normal(size=(9, 5)) * 3.0 - 1.0  # mostly negative scores: Bernoulli–Nash must cope
+    weights = rng.dirichlet(np.ones(5))
+    batch = scalarize(rewards, weights, method, **options)
+    rows = np.array([scalarize(row[None, :], weights, method, **options)[0] for row in rewards])
+    np.testing.assert_allclose(batch, rows, rtol=1e-12, atol=1e-12)
+    assert batch.shape == (9,)
+    if method == "bernoulli_nash":
+        assert (batch > 0).all()  # a geometric mean of positive utilities, even for negative scores
 
 
 def test_scalarize_values_by_hand():
     rewards = np.array([[1.0, -2.0, 4.0]])
-    w = np.array([0.5, 0.25, 0.25])  # weighted: 0.5, -0.5, 1.0
+    w = np.array([0.5, 0.25, 0.25])  # weighted rewards r̃ = (0.5, -0.5, 1.0): mean 1/3, variance 7/18
     assert scalarize(rewards, w, "linear")[0] == pytest.approx(1.0)
     assert scalarize(rewards, w, "worst_case")[0] == pytest.approx(-0.5)
     assert scalarize(rewards, w, "median")[0] == pytest.approx(0.5)
-    assert scalarize(rewards, w, "lower_quantile")[0] == pytest.approx(-0.5)  # floor(3/3) = 1 smallest
-    assert scalarize(rewards, w, "uncertainty_weighted", uncertainty_penalty=2.0)[0] == pytest.approx(
-        np.mean([0.5, -0.5, 1.0]) - 2.0 * np.var([0.5, -0.5, 1.0])
-    )
-    soft = np.exp(-np.array([0.5, -0.5, 1.0]))
-    soft /= soft.sum()
-    assert scalarize(rewards, w, "soft_max_min")[0] == pytest.approx(float(soft @ [0.5, -0.5, 1.0]))
-    expected_nash = np.exp(np.mean(np.log(np.logaddexp(0, [0.5, -0.5, 1.0]))))
-    assert scalarize(rewards, w, "bernoulli_nash")[0] == pytest.approx(expected_nash)
-    assert scalarize(rewards, w, "bernoulli_nash", positive="shift", shift=1.0)[0] == pytest.approx(
-        np.exp(np.mean(np.log([1.5, 0.5, 2.0])))
-    )
+    assert scalarize(rewards, w, "lower_quantile")[0] == pytest.approx(-0.5)  # ⌊3/3⌋ = 1 smallest
+    # mean − λ·variance: λ = 0.5 by default (1/3 − 7/36), λ = 2 given (1/3 − 14/18)
+    assert scalarize(rewards, w, "uncertainty_weighted")[0] == pytest.approx(5 / 36)
+    assert scalarize(rewards, w, "uncertainty_weighted", uncertainty_penalty=2.0)[0] == pytest.approx(-4 / 9)
+    # softmin weights e^(−r̃)/Σ e^(−r̃) on r̃; a cold temperature leaves only the minimum
+    e = math.exp
+    softmin = (0.5 * e(-0.5) - 0.5 * e(0.5) + 1.0 * e(-1.0)) / (e(-0.5) + e(0.5) + e(-1.0))
+    assert scalarize(rewards, w, "soft_max_min")[0] == pytest.approx(softmin)
+    assert scalarize(rewards, w, "soft_max_min", temperature=0.01)[0] == pytest.approx(-0.5)
+    # geometric mean of softplus(r̃) = log(1 + e^r̃), or of r̃ + shift
+    nash = (math.log1p(e(0.5)) * math.log1p(e(-0.5)) * math.log1p(e(1.0))) ** (1 / 3)
+    assert scalarize(rewards, w, "bernoulli_nash")[0] == pytest.approx(nash)
+    assert scalarize(rewards, w, "bernoulli_nash", positive="shift", shift=1.0)[0] == pytest.approx(1.5 ** (1 / 3))
+
+
+def test_scalarize_even_number_of_objectives_by_hand():
+    # r̃ = (1, 0.25, 0.75, 0.5): the median is the mean of the middle two, 0.625 (torch.median: 0.5)
+    assert scalarize([[4.0, 1.0, 3.0, 2.0]], [0.25] * 4, "median")[0] == pytest.approx(0.625)
+    # six objectives, r̃ = (1, 5/6, …, 1/6): the lower third is the two smallest, mean 1/4
+    assert scalarize([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]], [1 / 6] * 6, "lower_quantile")[0] == pytest.approx(0.25)
 
 
 def test_scalarize_bad_input():
@@ -99,6 +119,8 @@ def test_scalarize_bad_input():
         scalarize([[1, 2]], [0.5, 0.5], "nope")
     with pytest.raises(MoalignError, match="non-positive"):
         scalarize([[-5, 2]], [0.5, 0.5], "bernoulli_nash", positive="shift", shift=1.0)
+    with pytest.raises(MoalignError, match="temperature > 0"):
+        scalarize([[1, 2]], [0.5, 0.5], "soft_max_min", temperature=0.0)
 
 
 @pytest.mark.parametrize(

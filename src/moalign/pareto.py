@@ -157,16 +157,19 @@ def scalarize(
     method: str = "linear",
     *,
     temperature: float = 1.0,
-    uncertainty_penalty: float = 1.0,
+    uncertainty_penalty: float = 0.5,
     positive: str = "softplus",
     shift: float = 0.0,
 ) -> np.ndarray:
     """One scalar reward per row of `rewards` (B×N) from the weighted scores r̃ = w ⊙ r (MORLAIF §4).
 
     Every method reduces over the objectives of one sample, never over the batch.
-    - linear: Σ r̃;  worst_case: min r̃;  median: median r̃
+    - linear: Σ r̃;  worst_case: min r̃
+    - median: median r̃; for an even N the mean of the two middle values (numpy's median; MORLAIF's
+      reference code takes the lower one, as `torch.median` does)
     - soft_max_min: Σ softmin_τ(r̃) r̃ with τ = `temperature`
-    - uncertainty_weighted: mean(r̃) − λ var(r̃) with λ = `uncertainty_penalty`
+    - uncertainty_weighted: mean(r̃) − λ var(r̃), the population variance (divided by N), with
+      λ = `uncertainty_penalty`, 0.5 as in MORLAIF's reference code
     - lower_quantile: mean of the ⌊N/3⌋ smallest r̃ (at least one)
     - bernoulli_nash: geometric mean of positive utilities, made positive by softplus or by adding `shift`
     """
