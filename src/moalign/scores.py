@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from moalign import data
 from moalign.errors import MoalignError
 from moalign.objectives import Objective, build_all
-from moalign.run import guard_output
+from moalign.run import atomic_write_parquet, guard_output
 
 QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.7, 0.75, 0.9, 0.95)
 
@@ -168,10 +168,7 @@ def cli(argv: list[str]) -> None:
         raise MoalignError(f"--output {output} must end in .parquet")
     cache = ScoreCache(args.cache or cache_dir() / "scores.sqlite")
     frame = score_dataset(args.dataset, args.objectives, args.split, cache, args.limit)
-    tmp = output.with_name(f".{output.name}.tmp")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, output)
+    atomic_write_parquet(frame, output)
     names = [c for c in frame.columns if c not in {"prompt", "response", "pair", "preferred"}]
     stats = NormStats.fit(frame, names)
     print(f"scored {len(frame)} samples -> {output}")

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from moalign.run import atomic_path
+
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
@@ -216,88 +218,87 @@ def train_base_model(
     config = config or BaseModelConfig()
     if max_steps is not None:
         config.max_steps = max_steps
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_path(out_dir) as tmp:  # out_dir holds a finished model or does not exist
+        tmp.mkdir(parents=True)
 
-    started = time.monotonic()
-    tokenizer = train_tokenizer(corpus_texts, config.vocab_size)
-    model = build_model(tokenizer, config)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "tokenizer: %d tokens (%.1f s); model: %.2fM parameters",
-        len(tokenizer),
-        time.monotonic() - started,
-        n_params / 1e6,
-    )
-
-    args = SFTConfig(
-        output_dir=str(tmp / "trainer"),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_steps,
-        weight_decay=0.01,
-        logging_steps=max(1, config.max_steps // 8),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing (TRL defaults it to on)
-        max_length=config.n_positions,
-        dataset_text_field="text",
-        seed=config.seed,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length",  # less padding: the demo is compute-bound on a CPU
-    )
-    budget = _TimeBudget(config.time_budget_s)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_dict({"text": list(corpus_texts)}),
-        processing_class=tokenizer,
-        callbacks=[budget],
-    )
-    with cpu_threads() as threads:
-        log.info("base model: training %d steps on %d torch thread(s)", config.max_steps, threads)
-        train_start = time.monotonic()
-        result = trainer.train()
-        train_seconds = time.monotonic() - train_start
-    steps = trainer.state.global_step
-    if budget.hit:
-        log.warning(
-            "base model: stopped at step %d of %d: %.0f s budget spent", steps, config.max_steps, config.time_budget_s
+        started = time.monotonic()
+        tokenizer = train_tokenizer(corpus_texts, config.vocab_size)
+        model = build_model(tokenizer, config)
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info(
+            "tokenizer: %d tokens (%.1f s); model: %.2fM parameters",
+            len(tokenizer),
+            time.monotonic() - started,
+            n_params / 1e6,
         )
-    log.info("base model: %d steps in %.1f s, train loss %.3f", steps, train_seconds, result.training_loss)
 
-    model = trainer.model.eval()
-    metrics: dict = {
-        "n_params": n_params,
-        "train_seconds": round(train_seconds, 1),
-        "threads": threads,
-        "steps": steps,
-        "train_loss": round(float(result.training_loss), 4),
-        "config": asdict(config),
-    }
-    if len(eval_prompts):
-        start = time.monotonic()
-        prompts = list(eval_prompts[: config.n_eval_samples])
-        with cpu_threads():
-            metrics["perplexity"] = round(perplexity(model, tokenizer, eval_prompts, eval_responses), 3)
-            samples = sample(model, tokenizer, prompts)
-        metrics["distinct_2"] = round(distinct_n(samples), 4)
-        metrics["reference_distinct_2"] = round(distinct_n(list(eval_responses[: config.n_eval_samples])), 4)
-        metrics["eval_seconds"] = round(time.monotonic() - start, 1)
-        metrics["samples"] = [{"prompt": p, "response": s} for p, s in zip(prompts[:3], samples[:3])]
-        log.info("base model: perplexity %.2f, distinct-2 %.3f", metrics["perplexity"], metrics["distinct_2"])
+        args = SFTConfig(
+            output_dir=str(tmp / "trainer"),
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=config.warmup_steps,
+            weight_decay=0.01,
+            logging_steps=max(1, config.max_steps // 8),
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing (TRL defaults it to on)
+            max_length=config.n_positions,
+            dataset_text_field="text",
+            seed=config.seed,
+            disable_tqdm=not progress,
+            dataloader_num_workers=0,
+            train_sampling_strategy="group_by_length",  # less padding: the demo is compute-bound on a CPU
+        )
+        budget = _TimeBudget(config.time_budget_s)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict({"text": list(corpus_texts)}),
+            processing_class=tokenizer,
+            callbacks=[budget],
+        )
+        with cpu_threads() as threads:
+            log.info("base model: training %d steps on %d torch thread(s)", config.max_steps, threads)
+            train_start = time.monotonic()
+            result = trainer.train()
+            train_seconds = time.monotonic() - train_start
+        steps = trainer.state.global_step
+        if budget.hit:
+            log.warning(
+                "base model: stopped at step %d of %d: %.0f s budget spent",
+                steps,
+                config.max_steps,
+                config.time_budget_s,
+            )
+        log.info("base model: %d steps in %.1f s, train loss %.3f", steps, train_seconds, result.training_loss)
 
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+        model = trainer.model.eval()
+        metrics: dict = {
+            "n_params": n_params,
+            "train_seconds": round(train_seconds, 1),
+            "threads": threads,
+            "steps": steps,
+            "train_loss": round(float(result.training_loss), 4),
+            "config": asdict(config),
+        }
+        if len(eval_prompts):
+            start = time.monotonic()
+            prompts = list(eval_prompts[: config.n_eval_samples])
+            with cpu_threads():
+                metrics["perplexity"] = round(perplexity(model, tokenizer, eval_prompts, eval_responses), 3)
+                samples = sample(model, tokenizer, prompts)
+            metrics["distinct_2"] = round(distinct_n(samples), 4)
+            metrics["reference_distinct_2"] = round(distinct_n(list(eval_responses[: config.n_eval_samples])), 4)
+            metrics["eval_seconds"] = round(time.monotonic() - start, 1)
+            metrics["samples"] = [{"prompt": p, "response": s} for p, s in zip(prompts[:3], samples[:3])]
+            log.info("base model: perplexity %.2f, distinct-2 %.3f", metrics["perplexity"], metrics["distinct_2"])
+
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from moalign.errors import MoalignError
+from moalign.run import atomic_write
 from moalign.scores import cache_dir
 
 log = logging.getLogger(__name__)
@@ -93,19 +93,13 @@ def default_root(n_samples: int = DEFAULT_SAMPLES) -> Path:
     return cache_dir() / "demo" / f"{CORPUS_VERSION}{suffix}"
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "w") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
 
-    _write_atomic(path, write)
+    atomic_write(path, write)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -170,7 +164,7 @@ def prepare_task(
             f"{root} holds a demo task built with other settings ({(root / SPEC).read_text().strip()}); "
             "pass another root or delete that folder"
         )
-    _write_atomic(root / SPEC, lambda tmp: tmp.write_text(json.dumps(spec, indent=2)))
+    atomic_write(root / SPEC, lambda tmp: tmp.write_text(json.dumps(spec, indent=2)))
     timings: dict[str, float] = {}
 
     from moalign.demo.corpus import build_corpus
@@ -206,7 +200,7 @@ def prepare_task(
         )
         frame = pd.DataFrame({"prompt": corpus.prompts, "response": corpus.responses, **scores})
         names = list(scores)
-        _write_atomic(train_path, lambda tmp: frame.to_parquet(tmp, index=False))
+        atomic_write(train_path, lambda tmp: frame.to_parquet(tmp, index=False))
 
     start = time.monotonic()
     pairs_dir = root / "pairs"
@@ -247,6 +241,6 @@ def prepare_task(
         "timings": timings,
         "conflicts": conflicts(frame, names),
     }
-    _write_atomic(root / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    atomic_write(root / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
     log.info("demo task ready in %s: %s", root, manifest["conflicts"])
     return load_task(root)

@@ -40,6 +40,7 @@ from torch import nn
 from moalign.errors import MoalignError
 from moalign.generation import SamplingParams, generate, pick_device, prepare_tokenizer
 from moalign.methods.common import finish_stage, finished_stage, lora_config
+from moalign.run import atomic_path
 
 log = logging.getLogger("moalign")
 
@@ -297,18 +298,15 @@ class PPO:
         """Write `checkpoint-STEP` under a temporary name, then rename; older checkpoints are removed."""
         stage_dir.mkdir(parents=True, exist_ok=True)
         final = stage_dir / f"checkpoint-{step}"
-        tmp = stage_dir / f".checkpoint-{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp)
         state = {
             "step": step,
             "value_head": self.head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "history": history,
         }
-        torch.save(state, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp:
+            self.policy.save_pretrained(tmp)
+            torch.save(state, tmp / STATE_FILE)
         for old in stage_dir.glob("checkpoint-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
