@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("moalign.scores", "score every sample of a dataset with every objective"),
     "sft": ("moalign.methods.sft", "supervised fine-tuning baseline"),
     "ric": ("moalign.methods.ric", "Rewards-in-Context: one model steered by rewards in its prompt"),
+    "ric-image": ("moalign.image.ric", "Rewards-in-Context for text-to-image (diffusion) pipelines"),
     "paretohqd": ("moalign.methods.paretohqd", "ParetoHqD: Pareto high-quality data, two-stage SFT"),
     "dpo": ("moalign.methods.modpo", "plain DPO on one objective's pairs (MODPO's margin model)"),
     "modpo": ("moalign.methods.modpo", "MODPO: DPO with margins from the other objectives"),

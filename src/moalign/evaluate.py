@@ -50,6 +50,8 @@ def steerability(preferences: np.ndarray, points: np.ndarray, names: Sequence[st
 
 def _count_tokens(policy: Any, texts: list[str]) -> tuple[int, str]:
     """Generated tokens, re-tokenised with the policy's tokenizer where it has one (words otherwise)."""
+    if unit := getattr(policy, "output_unit", None):  # an image policy counts the images it made
+        return len(texts), unit
     tokenizer = getattr(policy, "tokenizer", None)
     if tokenizer is not None:
         try:
@@ -105,7 +107,8 @@ def evaluate_policy(
             count, unit = _count_tokens(policy, responses)
             tokens += count
             scores = score(objectives, prompts, responses, cache, progress=False)
-            degenerate = [is_degenerate(text) for text in responses]
+            collapse = getattr(policy, "degenerate", None)  # a policy's own rule (images: identical images)
+            degenerate = collapse(responses) if collapse else [is_degenerate(text) for text in responses]
             shown = [
                 {
                     "prompt": prompts[i],
@@ -113,7 +116,7 @@ def evaluate_policy(
                     "scores": {name: float(scores[name][i]) for name in names},
                     "degenerate": degenerate[i],
                 }
-                for i in range(min(N_SAMPLES, len(prompts)))
+                for i in range(min(getattr(policy, "report_samples", N_SAMPLES), len(prompts)))
             ]
             done[key] = ([float(np.mean(scores[name])) for name in names], float(np.mean(degenerate)), shown)
         point, collapse, shown = done[key]
@@ -252,7 +255,7 @@ def _sampling_for(policy: Any, sampling: SamplingParams | dict | None) -> Sampli
     if isinstance(sampling, SamplingParams):
         return sampling
     base = getattr(policy, "sampling", None) or SamplingParams()
-    return SamplingParams(**{**vars(base), **(sampling or {})})
+    return type(base)(**{**vars(base), **(sampling or {})})  # an image policy's settings are its own type
 
 
 def evaluate_runs(
@@ -300,6 +303,8 @@ def evaluate_runs(
         result = evaluate_policy(
             policy, prompt_list, objectives, grid, _sampling_for(policy, sampling), cache, progress=progress
         )
+        if hasattr(policy, "sample_grid"):  # image runs: a grid of images per preference for the report
+            result["grid"] = str(policy.sample_grid(result, run / "grid.png"))
         del policy  # one model in memory at a time
         result.update(run=str(run), name=run.name, method=manifest["method"])
         for key in ("stats", "training", "base_model"):

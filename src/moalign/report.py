@@ -286,6 +286,9 @@ def write_html(
     for front in fronts:
         sections.append(f"<h2>{html.escape(_label(front))}</h2>")
         sections.append(_points(front))
+        if front.get("grid") and Path(front["grid"]).exists():  # image runs: rows are preferences
+            encoded = base64.b64encode(Path(front["grid"]).read_bytes()).decode()
+            sections.append(f"<h3>Images per preference</h3><img alt='grid' src='data:image/png;base64,{encoded}'>")
         if front.get("stats"):
             sections.append("<h3>Normalisation statistics (training scores)</h3>" + _stats(front["stats"]))
         sections.append("<h3>Sample responses per preference</h3>" + _samples(front))

@@ -1,6 +1,6 @@
 """Everything that scores (prompt, response) pairs, built from short specs by a registry."""
 
-from moalign.objectives import hf, lexical, preference, python, relevance  # noqa: F401  (registers the kinds)
+from moalign.objectives import hf, image, lexical, preference, python, relevance  # noqa: F401  (registers the kinds)
 from moalign.objectives.base import REGISTRY, Objective, build, build_all, parse_spec, register
 
 __all__ = ["REGISTRY", "Objective", "build", "build_all", "parse_spec", "register", "describe"]

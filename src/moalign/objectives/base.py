@@ -37,7 +37,9 @@ class Objective:
             raise MoalignError(f"objective {self.name}: {len(prompts)} prompts but {len(responses)} responses")
         if not responses:
             return np.zeros(0)
-        values = np.asarray(self._score(prompts, responses), dtype=float).reshape(-1)
+        # An image response (objectives.image.ImageResponse) is scored as the image it carries.
+        payloads = [getattr(response, "image", response) for response in responses]
+        values = np.asarray(self._score(prompts, payloads), dtype=float).reshape(-1)
         if values.size != len(responses):
             raise MoalignError(
                 f"objective {self.name} returned {values.size} scores for {len(responses)} samples; "

@@ -1,0 +1,461 @@
+"""Rewards-in-Context for text-to-image models (Yang et al., ICML 2024, §5.3): one denoiser, steered by the
+rewards written into its caption.
+
+Usage: moalign ric-image --config configs/ric_image_demo.yaml [--flag value ...]
+       accelerate launch -m moalign.cli ric-image --config configs/ric_sd15.yaml   (the paper's setup)
+
+A command of its own rather than `moalign ric` with a modality switch: the config extends the Trainer's
+TrainingArguments (there is no TRL trainer for diffusion), with image columns, resolution, EMA and
+guidance, none of which a text run has; the mathematics (reward template, preference mapping, MORS) is
+RiC's text implementation, imported.
+
+Stages, each resumable (a finished stage is skipped, an interrupted one resumes from its checkpoint):
+  prepare   score every image, z-score statistics (data/offline.parquet)
+  offline   train the denoiser on `"{caption} <rm1> 0.3 <rm2> -1.2"`, the whole caption dropped to "" 10% of
+            the time so that classifier-free guidance has an unconditional branch
+  online_k  (optional) multi-objective rejection sampling: sample targets, generate, score, relabel with the
+            scores obtained, keep images with any objective ≥ its q-quantile, mix filtered offline data, train on
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from moalign.errors import MoalignError
+from moalign.image.data import load_images
+from moalign.image.pipeline import conditioned_caption, encode_captions, load_pipeline, to_latents, to_pixels
+from moalign.methods.common import (
+    STAGE_MARKER,
+    CommonArguments,
+    finished_stage,
+    last_checkpoint,
+    parse_config,
+    score_cache,
+    stage_args,
+    training_totals,
+    write_run_manifest,
+)
+from moalign.methods.ric import MAPPINGS, QUANTILE_LEVELS, RewardTemplate, mors_filter, sample_targets
+from moalign.models import pick_device
+from moalign.objectives import build_all
+from moalign.objectives.image import ImageResponse
+from moalign.objectives.python import PythonFunction
+from moalign.run import atomic_path, atomic_write, atomic_write_parquet
+from moalign.scores import NormStats, score
+
+log = logging.getLogger("moalign")
+POLICY = "moalign.image.policy:RiCImagePolicy"
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections, as diffusers' LoRA scripts
+
+
+@dataclass
+class RiCImageConfig(CommonArguments, TrainingArguments):
+    """The Trainer's TrainingArguments plus RiC's options (the paper's values are the defaults where it gives them)."""
+
+    image_column: str = field(default="image", metadata={"help": "dataset column holding the images"})
+    caption_column: str = field(default="text", metadata={"help": "dataset column (metadata.jsonl key) of captions"})
+    resolution: int | None = field(
+        default=None, metadata={"help": "resize and centre-crop images to N×N (default: all must share one size)"}
+    )
+    reward_tags: list[str] | None = field(default=None, metadata={"help": "tags per objective; default <rm1>, <rm2>…"})
+    number_format: str = field(default="{:.1f}", metadata={"help": "how a reward is written (paper: 1 decimal)"})
+    preference_mapping: str = field(default="quantile", metadata={"help": "quantile (paper), linf, l2 or linear"})
+    caption_dropout: float = field(default=0.1, metadata={"help": "share of captions dropped to '' (paper: 0.1)"})
+    use_ema: bool = field(default=False, metadata={"help": "keep an EMA of the denoiser's weights and save it"})
+    ema_decay: float = 0.9999
+    online_iterations: int = field(default=0, metadata={"help": "MORS iterations (0: offline only)"})
+    online_prompts: int = field(default=512, metadata={"help": "images generated per online iteration"})
+    online_quantile: float = field(default=0.7, metadata={"help": "keep images with any objective ≥ this quantile"})
+    offline_mix_samples: int = field(default=512, metadata={"help": "filtered offline images mixed in per iteration"})
+    online_max_steps: int = field(default=-1, metadata={"help": "max steps of each online stage (-1: epochs)"})
+    sample_steps: int = field(default=50, metadata={"help": "denoising steps when sampling"})
+    sample_guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
+    generation_batch_size: int = field(default=16, metadata={"help": "images denoised at once"})
+
+
+def _validate(config: RiCImageConfig, objectives) -> None:
+    if len(objectives) < 2:
+        raise MoalignError("RiC needs at least two objectives (objectives: [spec, spec, ...])")
+    text_only = [
+        o.spec for o in objectives if getattr(o, "modality", None) != "image" and not isinstance(o, PythonFunction)
+    ]
+    if text_only:
+        raise MoalignError(
+            f"objectives {text_only} score text; image runs take image objectives (see `moalign objectives`)"
+        )
+    if config.preference_mapping not in MAPPINGS:
+        raise MoalignError(f"preference_mapping must be one of {', '.join(MAPPINGS)}")
+    if not 0.0 <= config.caption_dropout < 1.0:
+        raise MoalignError(f"caption_dropout must be in [0, 1), got {config.caption_dropout}")
+    if not 0.0 <= config.online_quantile <= 1.0:
+        raise MoalignError("online_quantile must be in [0, 1]")
+    if config.online_iterations < 0:
+        raise MoalignError("online_iterations must be ≥ 0")
+
+
+def template_for(config: RiCImageConfig, n: int) -> RewardTemplate:
+    tags = config.reward_tags or [f"<rm{i + 1}>" for i in range(n)]
+    if len(tags) != n:
+        raise MoalignError(f"reward_tags has {len(tags)} tags for {n} objectives")
+    return RewardTemplate(tags=list(tags), number_format=config.number_format)
+
+
+# --- training the denoiser ---------------------------------------------------------------------------------
+
+
+class ConditionedImages(torch.utils.data.Dataset):
+    """Rows of an image dataset with the caption each is trained on (the caption with its reward tags)."""
+
+    def __init__(self, images: datasets.Dataset, captions: list[str], resolution: int | None):
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        self.images, self.captions, self.resolution = images, captions, resolution
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pixels = to_pixels([self.images[index]["image"]], self.resolution)[0]
+        return {"pixel_values": pixels, "caption": self.captions[index]}
+
+
+class CaptionDropout:
+    """Batches pixels and drops each whole caption, tags included, to "" with probability `p`: the
+    unconditional branch that classifier-free guidance samples with (the pipeline's negative prompt "")."""
+
+    def __init__(self, p: float, seed: int):
+        self.p = p
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        keep = torch.rand(len(rows), generator=self.generator) >= self.p
+        return {
+            "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
+            "caption": [row["caption"] if k else "" for row, k in zip(rows, keep.tolist())],
+        }
+
+
+class DenoiserTrainer(Trainer):
+    """The Transformers Trainer on a diffusion denoiser; `compute_loss` is the noise-prediction loss.
+
+    The pipeline's text encoder (and VAE) are frozen and held beside the model, which is the UNet alone,
+    so checkpoints hold only what trains."""
+
+    def __init__(self, *args, pipeline, **kwargs):
+        from diffusers import DDPMScheduler
+
+        super().__init__(*args, **kwargs)
+        self.pipeline = pipeline
+        # The training noise schedule of the pipeline's scheduler (Stable Diffusion ships PNDM for sampling).
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        latents = to_latents(self.pipeline, inputs["pixel_values"]).to(self.args.device)
+        hidden = encode_captions(self.pipeline, inputs["caption"], latents.device)
+        noise = torch.randn_like(latents)
+        steps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=latents.device
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, steps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, steps)
+        else:
+            target = noise
+        prediction = model(noisy, steps, encoder_hidden_states=hidden.to(noisy.dtype)).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+        return (loss, prediction) if return_outputs else loss
+
+
+class EMACallback(TrainerCallback):
+    """An exponential moving average of the trained weights, saved in every checkpoint to resume with."""
+
+    FILE = "ema.pt"
+
+    def __init__(self, parameters: list[torch.nn.Parameter], decay: float):
+        from diffusers.training_utils import EMAModel
+
+        self.parameters = parameters
+        self.ema = EMAModel(parameters, decay=decay)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ema.step(self.parameters)
+
+    def on_save(self, args, state, control, **kwargs):
+        torch.save(self.ema.state_dict(), Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE)
+
+    def resume(self, checkpoint: str | None) -> None:
+        if checkpoint and (Path(checkpoint) / self.FILE).exists():
+            self.ema.load_state_dict(torch.load(Path(checkpoint) / self.FILE, weights_only=False))
+
+
+def train_denoiser(
+    config: RiCImageConfig,
+    denoiser: Path | None,
+    images: datasets.Dataset,
+    captions: list[str],
+    stage_dir: Path,
+    final_dir: Path,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """One resumable training stage of the denoiser (from the base pipeline's, or `denoiser`), saved as a
+    `UNet2DConditionModel` folder in `final_dir` (a finished stage is skipped; LoRA is merged, EMA copied in)."""
+    if (done := finished_stage(final_dir)) is not None:
+        log.info(f"stage {final_dir.name}: already trained, skipping")
+        return done
+    args = stage_args(config, stage_dir, remove_unused_columns=False, gradient_checkpointing=False, **overrides)
+    pipeline = load_pipeline(config.model_name_or_path, denoiser, device=args.device)
+    for module in (pipeline.text_encoder, getattr(pipeline, "vae", None)):
+        if module is not None:
+            module.requires_grad_(False)
+    unet = pipeline.unet
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if config.use_peft:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=config.lora_target_modules or LORA_TARGETS,
+                init_lora_weights="gaussian",
+            )
+        )
+    unet.train()
+    callbacks = []
+    if config.use_ema:
+        callbacks.append(EMACallback([p for p in unet.parameters() if p.requires_grad], config.ema_decay))
+    trainer = DenoiserTrainer(
+        model=unet,
+        args=args,
+        train_dataset=ConditionedImages(images, captions, config.resolution),
+        data_collator=CaptionDropout(config.caption_dropout, config.seed),
+        callbacks=callbacks,
+        pipeline=pipeline,
+    )
+    resume = last_checkpoint(stage_dir)
+    for callback in callbacks:
+        callback.resume(resume)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    stats = {
+        "seconds": time.perf_counter() - start,
+        "steps": trainer.state.global_step,
+        "samples": len(captions),
+        "images": trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+    }
+    unet = trainer.accelerator.unwrap_model(trainer.model)
+    if callbacks:
+        callbacks[0].ema.copy_to(callbacks[0].parameters)
+    if config.use_peft:
+        unet.fuse_lora()
+        unet.unload_lora()
+    save_denoiser(unet, final_dir, stats)
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    return stats
+
+
+def save_denoiser(unet, final_dir: Path, stats: dict[str, Any]) -> None:
+    """Save atomically with the stage marker inside: a folder that exists is complete."""
+
+    def write(tmp: Path) -> None:
+        unet.save_pretrained(tmp)
+        (tmp / STAGE_MARKER).write_text(json.dumps(stats))
+
+    atomic_write(final_dir, write)
+
+
+# --- the recipe -------------------------------------------------------------------------------------------
+
+
+class RiCImageRecipe:
+    """The stages of one RiC image run, sharing the data, objectives, statistics and template."""
+
+    def __init__(self, config: RiCImageConfig):
+        self.config = config
+        self.objectives = build_all(config.objectives)
+        _validate(config, self.objectives)
+        self.names = [o.name for o in self.objectives]
+        self.template = template_for(config, len(self.names))
+        self.run_dir = Path(config.output_dir)
+        self.cache = score_cache(config)
+        self.stages: dict[str, Any] = {}
+        self._images: datasets.Dataset | None = None
+        self._tokenizer = None
+
+    @property
+    def images(self) -> datasets.Dataset:
+        if self._images is None:
+            c = self.config
+            self._images = load_images(
+                c.dataset, c.dataset_split, c.image_column, c.caption_column, c.max_samples, c.resolution
+            )
+        return self._images
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_pipeline(self.config.model_name_or_path).tokenizer
+        return self._tokenizer
+
+    def score_images(self, captions: list[str], images: list) -> dict[str, np.ndarray]:
+        return score(self.objectives, captions, [ImageResponse(i) for i in images], cache=self.cache)
+
+    def prepare(self) -> pd.DataFrame:
+        path = self.run_dir / "data" / "offline.parquet"
+        if path.exists():
+            return pd.read_parquet(path)
+        captions = list(self.images["caption"])
+        raw = self.score_images(captions, [row["image"] for row in self.images])
+        stats = NormStats.fit(raw, self.names)
+        z = stats.zscore(stats.matrix(raw))
+        frame = pd.DataFrame({"row": np.arange(len(captions)), "caption": captions})
+        for i, name in enumerate(self.names):
+            frame[name], frame[f"z_{name}"] = raw[name], z[:, i]
+        atomic_write_parquet(frame, path)
+        return frame
+
+    def conditioned(self, frame: pd.DataFrame) -> list[str]:
+        z = frame[[f"z_{n}" for n in self.names]].to_numpy()
+        return [conditioned_caption(c, row, self.template, self.tokenizer) for c, row in zip(frame["caption"], z)]
+
+    def offline_stage(self, offline: pd.DataFrame) -> Path:
+        final = self.run_dir / "stages" / "offline"
+        self.stages["offline"] = train_denoiser(
+            self.config, None, self.images, self.conditioned(offline), self.run_dir / "checkpoints" / "offline", final
+        )
+        return final
+
+    def online_stage(self, k: int, denoiser: Path, offline: pd.DataFrame, stats: NormStats) -> Path:
+        config, name = self.config, f"online_{k}"
+        final = self.run_dir / "stages" / name
+        if (done := finished_stage(final)) is not None:
+            self.stages[name] = done
+            return final
+        folder = self.run_dir / "data" / name
+        if not (folder / "metadata.jsonl").exists():
+            self.generate_online(k, denoiser, offline, stats, folder)
+        # The buffer grows: every earlier iteration's kept images stay in.
+        kept = [self._online_rows(self.run_dir / "data" / f"online_{j}") for j in range(1, k + 1)]
+        z_offline = offline[[f"z_{n}" for n in self.names]].to_numpy()
+        pool = offline[mors_filter(z_offline, config.online_quantile)]
+        mix = pool.sample(n=min(len(pool), config.offline_mix_samples), random_state=config.seed + k)
+        parts = [data for data, _ in kept] + [self.images.select(mix["row"].tolist())]
+        frames = [frame for _, frame in kept] + [mix]
+        train = pd.concat(frames, ignore_index=True)
+        if len(train) == 0:
+            raise MoalignError(f"online iteration {k} kept no images; lower online_quantile or raise online_prompts")
+        self.stages[name] = train_denoiser(
+            config,
+            denoiser,
+            datasets.concatenate_datasets(parts),
+            self.conditioned(train),
+            self.run_dir / "checkpoints" / name,
+            final,
+            max_steps=config.online_max_steps,
+        )
+        self.stages[name].update(kept=int(sum(len(frame) for _, frame in kept)), offline_mixed=len(mix))
+        return final
+
+    def _online_rows(self, folder: Path) -> tuple[datasets.Dataset, pd.DataFrame]:
+        frame = pd.read_json(folder / "metadata.jsonl", lines=True)
+        images = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+        keep = [i for i, k in enumerate(images["kept"]) if k]
+        return images.select(keep).select_columns(["image", "caption"]), frame[frame["kept"]]
+
+    def generate_online(self, k: int, denoiser: Path, offline: pd.DataFrame, stats: NormStats, folder: Path) -> None:
+        """Generate for sampled targets, score, relabel with the scores obtained (hindsight), filter; the
+        images and their labels go to `folder` in the imagefolder convention."""
+        from moalign.image.policy import render
+
+        config = self.config
+        rng = np.random.default_rng(config.seed + 1000 * k)
+        z = offline[[f"z_{n}" for n in self.names]].to_numpy()
+        captions = list(rng.choice(offline["caption"].to_numpy(), size=config.online_prompts))
+        targets = sample_targets(len(captions), z.min(axis=0), z.max(axis=0), rng)
+        pipeline = load_pipeline(config.model_name_or_path, denoiser, device=pick_device())
+        start = time.perf_counter()
+        conditioned = [conditioned_caption(c, t, self.template, pipeline.tokenizer) for c, t in zip(captions, targets)]
+        seeds = [config.seed + 100_000 * k + i for i in range(len(captions))]
+        images = render(
+            pipeline,
+            conditioned,
+            seeds,
+            config.sample_steps,
+            config.sample_guidance_scale,
+            config.generation_batch_size,
+        )
+        seconds = time.perf_counter() - start
+        raw = self.score_images(captions, images)
+        obtained = stats.zscore(stats.matrix(raw))  # hindsight relabelling with the offline statistics
+        kept = mors_filter(obtained, config.online_quantile)
+        rows = []
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            for i, image in enumerate(images):
+                image.save(tmp / f"{i:06d}.png")
+                row = {"file_name": f"{i:06d}.png", "caption": captions[i], "kept": bool(kept[i])}
+                row.update({n: float(raw[n][i]) for n in self.names})
+                row.update({f"z_{n}": float(obtained[i, j]) for j, n in enumerate(self.names)})
+                rows.append(row)
+            (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log.info(f"online {k}: generated {len(images)} images in {seconds:.1f}s, kept {int(kept.sum())}")
+        self.stages[f"generate_{k}"] = {"seconds": seconds, "images": len(images), "kept": int(kept.sum())}
+
+    def run(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        offline = self.prepare()
+        stats = NormStats.fit(offline, self.names)
+        denoiser = self.offline_stage(offline)
+        stage_models = {"offline": str(denoiser.relative_to(self.run_dir))}
+        for k in range(1, self.config.online_iterations + 1):
+            denoiser = self.online_stage(k, denoiser, offline, stats)
+            stage_models[f"online_{k}"] = str(denoiser.relative_to(self.run_dir))
+        z = offline[[f"z_{n}" for n in self.names]].to_numpy()
+        write_run_manifest(
+            self.config,
+            "ric-image",
+            POLICY,
+            modality="image",
+            denoiser=str(denoiser.relative_to(self.run_dir)),
+            stage_models=stage_models,
+            sampling=sampling_fields(self.config),
+            stats=stats.to_dict(),
+            ric={
+                "template": asdict(self.template),
+                "mapping": self.config.preference_mapping,
+                "low": z.min(axis=0).tolist(),
+                "high": z.max(axis=0).tolist(),
+                "quantiles": np.quantile(z, QUANTILE_LEVELS, axis=0).tolist(),
+            },
+            training=training_totals(self.stages),
+        )
+        return self.run_dir
+
+
+def sampling_fields(config: RiCImageConfig) -> dict[str, Any]:
+    """The sampling settings a run's policy uses by default (stored in the manifest)."""
+    return {"steps": config.sample_steps, "guidance_scale": config.sample_guidance_scale, "seed": 0}
+
+
+def train(config: RiCImageConfig) -> Path:
+    return RiCImageRecipe(config).run()
+
+
+def cli(argv: list[str]) -> None:
+    config = parse_config(RiCImageConfig, argv, section="ric")
+    print(f"RiC image run written to {train(config)}")
