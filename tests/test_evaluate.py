@@ -38,7 +38,7 @@ class CannedPolicy(policy.Policy):
         super().__init__(manifest, run_dir)
         self.reverse = bool(manifest.get("reverse"))
 
-    def _complete(self, prompts, weights, params):
+    def _complete(self, prompts, weights, params, on_tokens=None):
         out = []
         for prompt, w in zip(prompts, weights):
             k = round(4 * (1 - w[0] if self.reverse else w[0]))
@@ -151,7 +151,7 @@ def test_preferences_served_alike_are_generated_once(tmp_path):
         def variant(self, weights):
             return bool(weights[0] >= 0.5)
 
-        def _complete(self, prompts, weights, params):
+        def _complete(self, prompts, weights, params, on_tokens=None):
             Coarse.calls += 1
             return super()._complete(prompts, weights, params)
 
@@ -277,7 +277,7 @@ def test_the_runs_prompt_template_wraps_every_prompt(tmp_path):
     """A run trained on templated prompts (MODPO's safety setup) is asked in the same template."""
 
     class Recording(CannedPolicy):
-        def _complete(self, prompts, weights, params):
+        def _complete(self, prompts, weights, params, on_tokens=None):
             self.seen = list(prompts)
             return super()._complete(prompts, weights, params)
 

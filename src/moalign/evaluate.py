@@ -8,12 +8,12 @@ by hypervolume against ONE reference point shared by all of them, which is repor
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +377,11 @@ def _join_negative_values(argv: list[str], flag: str) -> list[str]:
     out: list[str] = []
     index = 0
     while index < len(argv):
-        if argv[index] == flag and index + 1 < len(argv) and re.fullmatch(r"-[\d.][^ ]*", argv[index + 1]):
+        if (
+            argv[index] in (flag, "--" + flag[2:].replace("-", "_"))
+            and index + 1 < len(argv)
+            and re.fullmatch(r"-[\d.][^ ]*", argv[index + 1])
+        ):
             out.append(f"{flag}={argv[index + 1]}")
             index += 2
         else:
@@ -386,19 +390,29 @@ def _join_negative_values(argv: list[str], flag: str) -> list[str]:
     return out
 
 
+@dataclass
+class EvalConfig:
+    """`moalign eval RUN [RUN ...]`: every run answers the same prompts on the same preference grid."""
+
+    prompts: str | None = field(default=None, metadata={"help": "JSONL with a 'prompt' field (default: the run's)"})
+    n_prompts: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
+    divisions: int = field(default=10, metadata={"help": "grid steps per objective (10: w1=0,0.1,…,1)"})
+    reference_point: str | None = field(default=None, metadata={"help": "shared hypervolume reference, e.g. -1,-60"})
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    output_dir: str | None = field(default=None, metadata={"help": "where the combined report goes (several runs)"})
+
+
 def cli(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="moalign eval", description="Evaluate runs on the preference grid: fronts, hypervolume, report."
+    from moalign.methods.common import parse_config
+
+    args = parse_config(
+        EvalConfig,
+        _join_negative_values(argv, "--reference-point"),
+        required=(),
+        positionals=[("runs", "+", "run directories (each with moalign.json)")],
+        prog="moalign eval",
     )
-    parser.add_argument("runs", nargs="+", help="run directories (each with moalign.json)")
-    parser.add_argument("--prompts", default=None, help="JSONL with a 'prompt' field (default: the run's)")
-    parser.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--divisions", type=int, default=10, help="grid steps per objective (10: w1=0,0.1,…,1)")
-    parser.add_argument("--reference-point", default=None, help="shared hypervolume reference, e.g. -1,-60")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--output-dir", default=None, help="where the combined report goes (several runs)")
-    args = parser.parse_args(_join_negative_values(argv, "--reference-point"))
     overrides = {
         key: value
         for key, value in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature))

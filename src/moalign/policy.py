@@ -9,11 +9,10 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from moalign.errors import MoalignError
-from moalign.generation import Completion, SamplingParams, generate, load_model
+from moalign.generation import Completion, SamplingParams, TokenCallback, generate, load_model
 from moalign.pareto import parse_weights, validate_weights
 from moalign.run import read_manifest
 
@@ -72,18 +71,13 @@ class Policy:
 
     def load_tokenizer(self) -> Any:
         """A fresh tokenizer of the run's model, read without loading any weights (None if none is found)."""
-        from transformers import AutoTokenizer
+        from moalign.models import load_tokenizer
 
         for path in self.model_paths().values():
-            adapter_config = path / "adapter_config.json"
-            sources = [path]
-            if adapter_config.exists():  # an adapter folder may lack a tokenizer: its base has one
-                sources.append(json.loads(adapter_config.read_text())["base_model_name_or_path"])
-            for source in sources:
-                try:
-                    return AutoTokenizer.from_pretrained(str(source))
-                except (OSError, ValueError):
-                    continue
+            try:
+                return load_tokenizer(str(path))
+            except MoalignError:
+                continue
         return None
 
     def context_length(self) -> int | None:
@@ -109,15 +103,18 @@ class Policy:
         prompts: Sequence[str],
         weights: Sequence[Sequence[float]],
         params: Sequence[SamplingParams],
+        on_tokens: TokenCallback | None = None,
     ) -> list[Completion]:
-        """Per-row preference and sampling settings; the server's batches come through here."""
-        return self._complete([self.prompt_template.format(prompt=p) for p in prompts], weights, params)
+        """Per-row preference and sampling settings; the server's batches come through here (`on_tokens`
+        streams each row's tokens as they are sampled, see `generation.TokenCallback`)."""
+        return self._complete([self.prompt_template.format(prompt=p) for p in prompts], weights, params, on_tokens)
 
     def _complete(
         self,
         prompts: Sequence[str],
         weights: Sequence[Sequence[float]],
         params: Sequence[SamplingParams],
+        on_tokens: TokenCallback | None = None,
     ) -> list[Completion]:
         """Generation proper, on prompts already in the run's template."""
         raise NotImplementedError
@@ -163,9 +160,9 @@ class ModelPolicy(Policy):
     def prompt_for(self, prompt: str, weights: np.ndarray) -> str:
         return self.prepare_prompt(super().prompt_for(prompt, weights), self.check_weights(weights))
 
-    def _complete(self, prompts, weights, params):
+    def _complete(self, prompts, weights, params, on_tokens=None):
         conditioned = [self.prepare_prompt(p, self.check_weights(w)) for p, w in zip(prompts, weights)]
-        return generate(self.model, self.tokenizer, conditioned, list(params))
+        return generate(self.model, self.tokenizer, conditioned, list(params), on_tokens=on_tokens)
 
 
 class FixedPolicy(ModelPolicy):
@@ -215,16 +212,29 @@ class PerPreferencePolicy(Policy):
         self.loaded.move_to_end(index)
         return self.loaded[index]
 
-    def _complete(self, prompts, weights, params):
+    def _complete(self, prompts, weights, params, on_tokens=None):
         chosen = [self.nearest(self.check_weights(w)) for w in weights]
         results: list[Completion | None] = [None] * len(prompts)
         for index in sorted(set(chosen)):
             rows = [i for i, c in enumerate(chosen) if c == index]
             model, tokenizer = self.model_for(index)
-            outputs = generate(model, tokenizer, [prompts[i] for i in rows], [params[i] for i in rows])
+            outputs = generate(
+                model,
+                tokenizer,
+                [prompts[i] for i in rows],
+                [params[i] for i in rows],
+                on_tokens=rows_callback(on_tokens, rows),
+            )
             for i, output in zip(rows, outputs):
                 results[i] = output
         return results  # type: ignore[return-value]
+
+
+def rows_callback(on_tokens: TokenCallback | None, rows: Sequence[int]) -> TokenCallback | None:
+    """`on_tokens` for a generation over some rows of a batch: its row i is the batch's row `rows[i]`."""
+    if on_tokens is None:
+        return None
+    return lambda i, ids, finished: on_tokens(rows[i], ids, finished)
 
 
 FIXED_POLICY = "moalign.policy:FixedPolicy"
@@ -255,16 +265,27 @@ def load_policy(run_dir: str | Path, **options) -> Policy:
     return policy_class(manifest)(manifest, run_dir, **options)
 
 
+@dataclass
+class GenerateConfig:
+    """`moalign generate RUN PROMPT [PROMPT ...]`: the run's answers for one preference."""
+
+    weights: str | None = field(default=None, metadata={"help": "comma-separated preference, e.g. 0.2,0.8"})
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+
 def generate_cli(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="moalign generate", description="Generate from a run for a preference.")
-    parser.add_argument("run_dir")
-    parser.add_argument("prompts", nargs="+", help="one or more prompts")
-    parser.add_argument("--weights", default=None, help="comma-separated preference, e.g. 0.2,0.8")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    from moalign.methods.common import parse_config
+
+    args = parse_config(
+        GenerateConfig,
+        argv,
+        required=(),
+        positionals=[("run_dir", None, "the run directory"), ("prompts", "+", "one or more prompts")],
+        prog="moalign generate",
+    )
     policy = load_policy(args.run_dir)
     weights = parse_weights(args.weights, policy.n_objectives) if args.weights else None
     overrides = {

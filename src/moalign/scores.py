@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sqlite3
@@ -153,16 +152,23 @@ def score_dataset(
     return frame
 
 
+@dataclass
+class ScoreConfig:
+    """`moalign score`: every sample of a dataset scored once by every objective, into a parquet file."""
+
+    dataset: str | None = field(default=None, metadata={"help": "hub id or local .json/.jsonl/.csv/.parquet"})
+    objectives: str | None = field(default=None, metadata={"help": "comma-separated specs, e.g. vader,brevity"})
+    output: str | None = field(default=None, metadata={"help": "parquet file to write"})
+    split: str = "train"
+    limit: int | None = field(default=None, metadata={"help": "score only the first N rows"})
+    cache: str | None = field(default=None, metadata={"help": "SQLite score cache (default: the user cache)"})
+    overwrite: bool = False
+
+
 def cli(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="moalign score", description="Score every sample of a dataset once.")
-    parser.add_argument("--dataset", required=True, help="hub id or local .json/.jsonl/.csv/.parquet")
-    parser.add_argument("--objectives", required=True, help="comma-separated specs, e.g. vader,brevity")
-    parser.add_argument("--output", required=True, help="parquet file to write")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
-    parser.add_argument("--cache", default=None, help="SQLite score cache (default: the user cache)")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    from moalign.methods.common import parse_config
+
+    args = parse_config(ScoreConfig, argv, required=("dataset", "objectives", "output"), prog="moalign score")
     output = guard_output(args.output, args.overwrite)
     if output.suffix != ".parquet":
         raise MoalignError(f"--output {output} must end in .parquet")

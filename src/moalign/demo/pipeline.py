@@ -6,10 +6,10 @@ evaluates the three runs on one preference grid with one reference point under `
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -131,11 +131,16 @@ def run_demo(out: Path, configs: Path, n_eval_prompts: int, divisions: int) -> P
     return out
 
 
+@dataclass
+class DemoConfig:
+    """`moalign demo`: the embedded task, the SFT baseline and RiC, evaluated on one preference grid."""
+
+    output_dir: str = field(default="runs/demo", metadata={"help": "where the three runs and the report go"})
+    configs: str = field(default=str(SHIPPED_CONFIGS), metadata={"help": "folder with ric_demo.yaml and sft_demo.yaml"})
+    eval_prompts: int = field(default=128, metadata={"help": "held-out prompts per preference"})
+    divisions: int = field(default=10, metadata={"help": "preference grid resolution"})
+
+
 def cli(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="moalign demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="runs/demo", help="where the three runs and the report go")
-    parser.add_argument("--configs", default=str(SHIPPED_CONFIGS), help="folder with ric_demo.yaml and sft_demo.yaml")
-    parser.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per preference")
-    parser.add_argument("--divisions", type=int, default=10, help="preference grid resolution")
-    args = parser.parse_args(argv)
+    args = parse_config(DemoConfig, argv, required=(), prog="moalign demo")
     run_demo(Path(args.output_dir), Path(args.configs), args.eval_prompts, args.divisions)

@@ -103,16 +103,36 @@ def config_section(path: str, section: str | None) -> dict[str, Any]:
 REQUIRED = ("model_name_or_path", "dataset", "output_dir")
 
 
-def parse_config(config_class: type, argv: list[str], section: str | None = None, required: Sequence[str] = REQUIRED):
-    """Parse `--config FILE.yaml` plus flags into one config with TRL's parser (flags win over the file).
-
-    With `section`, a file that has a mapping under that key contributes only that mapping. Flags are
-    snake_case as in TRL (`--output_dir`); kebab-case (`--output-dir`) works too.
-    """
+def _parser_class() -> type:
+    """TRL's parser, reporting a bad flag as moalign's one-line error instead of argparse's usage dump."""
     from trl import TrlParser
 
+    class OneLineParser(TrlParser):
+        def error(self, message: str):
+            raise MoalignError(message)
+
+    return OneLineParser
+
+
+def parse_config(
+    config_class: type,
+    argv: list[str],
+    section: str | None = None,
+    required: Sequence[str] = REQUIRED,
+    positionals: Sequence[tuple[str, str, str]] = (),
+    prog: str | None = None,
+):
+    """Parse `--config FILE.yaml` plus flags into one config with TRL's parser (flags win over the file).
+
+    Every moalign command parses this way. With `section`, a file that has a mapping under that key
+    contributes only that mapping. Flags are snake_case as in TRL (`--output_dir`); kebab-case
+    (`--output-dir`) works too. `positionals` are (name, nargs, help) of bare arguments (run directories,
+    prompts); they are set on the config as attributes of those names.
+    """
     argv = list(argv)
-    parser = TrlParser((config_class,))
+    parser = _parser_class()((config_class,), prog=prog)
+    for name, nargs, help_text in positionals:
+        parser.add_argument(name, nargs=nargs, help=help_text)
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
@@ -127,9 +147,14 @@ def parse_config(config_class: type, argv: list[str], section: str | None = None
             keys = ", ".join(key.removeprefix("--") for key in unknown)
             raise MoalignError(f"config file {path}: unknown keys {keys} (see --help for the options)")
     try:
-        (config,) = parser.parse_args_into_dataclasses(args=argv)
+        config, *extra, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:
         raise MoalignError(first_line(error)) from None
+    if unknown:
+        raise MoalignError(f"unknown options {' '.join(unknown)} (see --help)")
+    for namespace in extra:
+        for name, value in vars(namespace).items():
+            setattr(config, name, value)
     for name in required:
         if not getattr(config, name, None):
             raise MoalignError(f"{name} is not set (YAML key or --{name})")
