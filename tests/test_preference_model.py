@@ -36,7 +36,8 @@ TRAINING = {
 
 def toy_labels(n: int = 120, seed: int = 0) -> pd.DataFrame:
     """Feedback labels where `kindness` prefers the response ending in "kindly" and `brevity` the shorter
-    one; people agree with kindness. A or B is random, so neither position nor length alone separates."""
+    one; people agree with kindness, and so does `courtesy` by smaller margins. A or B is random, so neither
+    position nor length alone separates."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -59,6 +60,8 @@ def toy_labels(n: int = 120, seed: int = 0) -> pd.DataFrame:
                 "kindness.logp_B": weak if kind_is_a else strong,
                 "brevity.logp_A": strong if shorter_is_a else weak,
                 "brevity.logp_B": weak if shorter_is_a else strong,
+                "courtesy.logp_A": strong if kind_is_a else strong - 1.0,
+                "courtesy.logp_B": strong - 1.0 if kind_is_a else strong,
             }
         )
     return pd.DataFrame(rows)
@@ -132,28 +135,32 @@ def test_pm_objective_loads_and_scores(trained):
 
 
 def test_rerun_skips_trained_principles_and_adds_new_ones(trained, tmp_path):
-    """A second principle (plain Bradley–Terry, LoRA) joins the run; kindness is not retrained."""
+    """A second principle (plain Bradley–Terry, LoRA, merged) joins the run; kindness is not retrained."""
     before = json.loads((trained / "principles" / "kindness" / "moalign_stage.json").read_text())
     config = pm.PMConfig(
         output_dir=str(trained),
         model_name_or_path=read_manifest(trained)["base_model"],
         dataset=read_manifest(trained)["feedback"],
-        principles=["kindness", "brevity"],
+        principles=["kindness", "courtesy"],
         eval_fraction=0.25,
         margin_scale=0.0,
         use_peft=True,
         lora_r=4,
         lora_alpha=8,
-        **{**TRAINING, "num_train_epochs": 1},
+        **{**TRAINING, "num_train_epochs": 2},
     )
     pm.train(config)
     manifest = read_manifest(trained)
-    assert list(manifest["principles"]) == ["kindness", "brevity"]
-    pm.train(dataclasses.replace(config, principles=["brevity"]))  # a subset keeps the others usable
-    assert read_manifest(trained)["objective_names"] == ["kindness", "brevity"]
+    assert list(manifest["principles"]) == ["kindness", "courtesy"]
+    pm.train(dataclasses.replace(config, principles=["courtesy"]))  # a subset keeps the others usable
+    assert read_manifest(trained)["objective_names"] == ["kindness", "courtesy"]
     assert manifest["principles"]["kindness"]["seconds"] == before["seconds"]
-    brevity = objectives.build(f"pm:{trained}/brevity")  # the LoRA model was merged: a plain classifier
-    assert np.isfinite(brevity.score(["q"], ["short"])).all()
+    assert manifest["principles"]["courtesy"]["judge_accuracy"] > 0.9
+    # The LoRA adapter was merged into a plain classifier that `pm:` loads, and it carries what was learned.
+    assert not (trained / "principles" / "courtesy" / "adapter_config.json").exists()
+    courtesy = objectives.build(f"pm:{trained}/courtesy")
+    scores = courtesy.score(["\n\nHuman: hi\n\nAssistant:"] * 2, ["the cat sat kindly", "the cat sat"])
+    assert scores[0] > scores[1]
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):
@@ -163,7 +170,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     base = ["pm", "--model_name_or_path", "unused", "--dataset", str(feedback), "--output_dir", str(tmp_path / "r")]
     assert cli.main([*base, "--principles", "kindness", "honesty"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "unknown principle(s) ['honesty']; the labels have kindness, brevity" in err and "\n" not in err
+    assert "unknown principle(s) ['honesty']; the labels have kindness, brevity, courtesy" in err and "\n" not in err
 
     toy_labels(8).drop(columns=["response_b"]).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(MoalignError, match=r"lacks columns \['response_b'\]"):

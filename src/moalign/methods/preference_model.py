@@ -13,7 +13,6 @@ Usage: moalign pm --config configs/morlaif_demo.yaml [--flag value ...]
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -40,6 +39,7 @@ from moalign.methods.common import (
 )
 from moalign.methods.feedback import LABELS, SETTINGS
 from moalign.objectives.preference import PRINCIPLES_DIR, join_text
+from moalign.run import MANIFEST, read_json, read_manifest
 
 log = logging.getLogger("moalign")
 
@@ -89,7 +89,7 @@ def load_labels(source: str) -> pd.DataFrame:
 def judge_questions(source: str) -> dict[str, str]:
     """The question the judge was asked per principle, where the feedback directory recorded it."""
     settings = Path(source) / SETTINGS if Path(source).is_dir() else Path(source).with_name(SETTINGS)
-    return json.loads(settings.read_text()).get("principles", {}) if settings.exists() else {}
+    return read_json(settings).get("principles", {}) if settings.exists() else {}
 
 
 def label_principles(frame: pd.DataFrame) -> list[str]:
@@ -264,18 +264,15 @@ def check(config: PMConfig, frame: pd.DataFrame) -> list[str]:
 
 def earlier_principles(run_dir: Path, current: list[str]) -> dict[str, dict[str, Any]]:
     """Entries of the run's manifest for principles not trained now whose models are still there."""
-    from moalign.run import MANIFEST
-
-    path = run_dir / MANIFEST
-    if not path.exists():
+    if not (run_dir / MANIFEST).exists():
         return {}
-    manifest = json.loads(path.read_text())
+    manifest = read_manifest(run_dir)
     if manifest.get("method") != "pm":
         raise MoalignError(f"{run_dir} holds a {manifest.get('method')!r} run; give pm another output_dir")
     return {
         name: entry
         for name, entry in manifest.get("principles", {}).items()
-        if name not in current and (run_dir / entry["path"] / "moalign_stage.json").exists()
+        if name not in current and finished_stage(run_dir / entry["path"]) is not None
     }
 
 
@@ -351,7 +348,7 @@ def _describe(entry: dict[str, Any]) -> str:
 def cli(argv: list[str]) -> None:
     config = parse_config(PMConfig, argv, section="pm")
     run_dir = train(config)
-    manifest = json.loads((run_dir / "moalign.json").read_text())
+    manifest = read_manifest(run_dir)
     print(f"preference models written to {run_dir}/{PRINCIPLES_DIR}")
     for name, entry in manifest["principles"].items():
         print(f"  pm:{run_dir}/{name:<18} {_describe(entry)}")
