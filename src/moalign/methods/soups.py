@@ -1,4 +1,5 @@
-"""Rewarded Soups: one model per objective, and for a preference w the weight average θ = Σ w_i θ_i.
+"""Rewarded Soups (Ramé et al., NeurIPS 2023): one model per objective, and for a preference w the
+weight average θ = Σ w_i θ_i.
 
 Usage: moalign soups --config configs/soups_demo.yaml [--flag value ...]
 
@@ -24,9 +25,9 @@ import torch
 
 from moalign.errors import MoalignError, first_line
 from moalign.generation import Completion, generate, load_model, prepare_tokenizer
-from moalign.methods.common import parse_config
+from moalign.methods.common import finished_stage, parse_config, training_totals, write_run_manifest
 from moalign.models import adapter_base, load_tokenizer, pick_device
-from moalign.policy import Policy
+from moalign.policy import Policy, rows_callback
 from moalign.run import MANIFEST, atomic_path, read_manifest
 
 # config fields that must agree for two models' weights to be averaged
@@ -132,16 +133,8 @@ def _architecture(folder: Path) -> dict[str, Any] | None:
     return {key: values[key] for key in ARCHITECTURE_FIELDS if key in values}
 
 
-def _stage_stats(folder: Path) -> dict[str, Any]:
-    """What training the ingredient cost, from the marker its method left beside the weights."""
-    from moalign.methods.common import finished_stage
-
-    return finished_stage(folder) or {}
-
-
 def train(config: SoupsConfig) -> Path:
     """Write a soups run directory: resolve and check the ingredients, record them in the manifest."""
-    from moalign.methods.common import write_run_manifest
     from moalign.objectives import build_all
 
     if not config.output_dir:
@@ -171,28 +164,12 @@ def train(config: SoupsConfig) -> Path:
         entries.append({"objective": name, "path": path})
     if not config.model_name_or_path:
         config.model_name_or_path = adapter_base(str(folders[0])) or str(folders[0])
-    stages = {name: _stage_stats(folder) for name, folder in zip(names, folders)}
+    # A soup costs nothing itself: its ingredients' training (the markers their methods left) is its cost.
+    stages = {name: finished_stage(folder) or {} for name, folder in zip(names, folders)}
     write_run_manifest(
-        config,
-        "soups",
-        "moalign.methods.soups:SoupPolicy",
-        ingredients=entries,
-        training={  # a soup costs nothing itself; its ingredients' training is what it cost
-            "seconds": sum(s.get("seconds", 0.0) for s in stages.values()),
-            "tokens": sum(s.get("tokens", 0) for s in stages.values()),
-            "stages": stages,
-        },
+        config, "soups", "moalign.methods.soups:SoupPolicy", ingredients=entries, training=training_totals(stages)
     )
     return run_dir
-
-
-def parse_soups_config(argv: list[str]) -> SoupsConfig:
-    """`--config FILE.yaml` plus flags through TRL's parser, as every method (nothing to train: no base model)."""
-    return parse_config(SoupsConfig, argv, required=("output_dir",))
-
-
-def cli(argv: list[str]) -> None:
-    print(f"Rewarded Soups run written to {train(parse_soups_config(argv))}")
 
 
 def _lora_soupable(folders: list[Path]) -> bool:
@@ -306,13 +283,28 @@ class SoupPolicy(Policy):
         model.load_state_dict(soup_state_dict(self.state_dicts, weights))
         return model.to(self.device).eval()
 
-    def _complete(self, prompts, weights, params) -> list[Completion]:
+    def _complete(self, prompts, weights, params, on_tokens=None) -> list[Completion]:
         keys = [self.key(w) for w in weights]
         results: list[Completion | None] = [None] * len(prompts)
         for key in dict.fromkeys(keys):
             rows = [i for i, k in enumerate(keys) if k == key]
             model = self.model_for(key)
-            outputs = generate(model, self.tokenizer, [prompts[i] for i in rows], [params[i] for i in rows])
+            outputs = generate(
+                model,
+                self.tokenizer,
+                [prompts[i] for i in rows],
+                [params[i] for i in rows],
+                on_tokens=rows_callback(on_tokens, rows),
+            )
             for i, output in zip(rows, outputs):
                 results[i] = output
         return results  # type: ignore[return-value]
+
+
+def parse_soups_config(argv: list[str]) -> SoupsConfig:
+    """`--config FILE.yaml` plus flags through TRL's parser, as every method (nothing to train: no base model)."""
+    return parse_config(SoupsConfig, argv, required=("output_dir",))
+
+
+def cli(argv: list[str]) -> None:
+    print(f"Rewarded Soups run written to {train(parse_soups_config(argv))}")
