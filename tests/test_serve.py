@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from moalign.run import write_manifest  # noqa: E402
-from moalign.serve import ServeConfig, create_app, render_chat, token_pieces  # noqa: E402
+from moalign.serve import ServeConfig, create_app, render_chat, token_pieces, uvicorn_options  # noqa: E402
 from moalign.testing import ServerThread, build_causal_lm, build_tokenizer, serve_run  # noqa: E402
 
 KEY = "test-key-123"
@@ -385,3 +385,164 @@ def test_prompt_and_max_tokens_must_fit_the_context(modpo_server):
     body = {"prompt": "the answer is yes " * 30, "max_tokens": 100}  # ~120 + 100 tokens > 128 positions
     response = post(modpo_server, "/v1/completions", body, key=None)
     assert response.status_code == 400 and "context of 128 tokens" in response.json()["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- streaming for real
+
+
+def test_native_stream_sends_chunks_before_the_last_token_is_generated(runs):
+    """Generation is held at its 6th forward pass until the client has read a chunk: a server that sent
+    its chunks after generation would never let the client read one, and the gate would time out."""
+    from moalign.policy import load_policy
+
+    policy = load_policy(runs["modpo"], device="cpu")
+    model, _ = policy.model_for(0)  # the " yes" model, which never ends early
+    gate, waited, forwards = threading.Event(), [], [0]
+
+    def hold(module, args, output) -> None:
+        forwards[0] += 1
+        if forwards[0] == 6:
+            waited.append(gate.wait(30))
+
+    model.register_forward_hook(hold)
+    config = ServeConfig(batch_wait_ms=0)
+    with ServerThread(create_app(policy, config), **uvicorn_options(config)) as server:
+        stream = client(server).completions.create(
+            model="modpo", prompt="the answer is", max_tokens=12, seed=0, stream=True, extra_body={"preference": [1, 0]}
+        )
+        texts = []
+        for chunk in stream:
+            texts.append(chunk.choices[0].text)
+            gate.set()
+    assert waited == [True]  # the client read a chunk while generation was held
+    assert "".join(texts) == " yes" * 12 and len([t for t in texts if t]) > 1
+
+
+def test_streamed_text_holds_back_a_possible_stop_string(tmp_path):
+    from moalign.serve.native import StreamedText
+
+    tokenizer = build_tokenizer(tmp_path)
+    ids = tokenizer("the cat sat on the mat", add_special_tokens=False)["input_ids"]
+    text = StreamedText(tokenizer, ["on the m"])
+    sent = "".join(text.add([i]) for i in ids)
+    assert sent == "the cat sat "  # cut at the stop string, nothing of it ever sent
+    prefix = StreamedText(tokenizer, ["sat X"])
+    assert "".join(prefix.add([i]) for i in ids[:3]) == "the cat"  # " sat" could start the stop string
+
+
+# ----------------------------------------------------------------------------- transport faults (issue 17)
+
+
+def test_a_client_leaving_from_the_middle_of_the_queue_is_dropped(runs):
+    """Several queued jobs and the one that leaves is not the first: found by identity, not by comparing
+    weight arrays (which raised "truth value of an array is ambiguous")."""
+    from moalign.policy import load_policy
+
+    policy = load_policy(runs["base"], device="cpu")
+    gate, calls = threading.Event(), []
+    complete = policy.complete
+
+    def slow_complete(prompts, weights, params, **kwargs):
+        calls.append(list(prompts))
+        gate.wait(30)
+        return complete(prompts, weights, params, **kwargs)
+
+    policy.complete = slow_complete
+    with ServerThread(create_app(policy, ServeConfig(batch_wait_ms=0, max_batch=1))) as server:
+
+        async def scenario() -> list[str]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                ask = lambda prompt: http.post(  # noqa: E731
+                    f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 2, "preference": [0.4, 0.6]}
+                )
+                first = asyncio.ensure_future(ask("the cat"))
+                while not calls:
+                    await asyncio.sleep(0.01)
+                second = asyncio.ensure_future(ask("leaving"))  # equal prompts: `==` goes on to the weights
+                await asyncio.sleep(0.2)
+                async with httpx.AsyncClient(timeout=0.5) as impatient:
+                    with pytest.raises(httpx.ReadTimeout):
+                        await impatient.post(
+                            f"{server.url}/v1/completions",
+                            json={"prompt": "leaving", "max_tokens": 2, "preference": [0.4, 0.6]},
+                        )
+                for _ in range(100):
+                    if server.stats["dropped"] == 1:
+                        break
+                    await asyncio.sleep(0.02)
+                gate.set()
+                return [(await request).status_code for request in (first, second)]
+
+        assert asyncio.run(scenario()) == [200, 200]
+        assert server.stats["dropped"] == 1
+    assert calls == [["the cat"], ["leaving"]]
+
+
+def raw_exchange(port: int, pieces: list[bytes], pause: float) -> tuple[bytes, float]:
+    """Send `pieces` with `pause` seconds between them; return what the server answered and when."""
+    import socket
+    import time
+
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        try:
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(pause)
+        except OSError:  # the server closed the connection while we were still sending
+            pass
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer, time.monotonic() - start
+
+
+def test_slow_headers_and_slow_bodies_are_timed_out(runs):
+    config = ServeConfig(header_timeout_s=1.0, body_timeout_s=1.0, api_key=KEY)
+    from moalign.policy import load_policy
+
+    with ServerThread(create_app(load_policy(runs["base"], device="cpu"), config), **uvicorn_options(config)) as server:
+        headers = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        slow_headers = [headers[i : i + 4] for i in range(0, len(headers), 4)]  # 4 bytes every 0.2 s: ~4 s
+        answer, seconds = raw_exchange(server.port, slow_headers, 0.2)
+        assert answer.startswith(b"HTTP/1.1 408") and b"headers did not arrive within 1 s" in answer
+        assert seconds < 3.5
+        body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+        head = headers + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        answer, seconds = raw_exchange(server.port, [head, body[:5], body[5:10], body[10:]], 0.8)
+        assert b" 408 " in answer.split(b"\r\n")[0] and b"body did not arrive within 1 s" in answer
+        assert server.stats["status"] == "ok"  # and the server still answers
+
+
+def test_unknown_paths_and_methods_answer_in_openais_shape(base_server):
+    missing = httpx.get(f"{base_server.url}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert missing.status_code == 404 and "/v1/nothing" in missing.json()["error"]["message"]
+    wrong = httpx.get(f"{base_server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_non_ascii_key_matches_only_its_own_utf8_bytes(runs):
+    from moalign.policy import load_policy
+
+    key = "clé-ü"
+    with ServerThread(create_app(load_policy(runs["base"], device="cpu"), ServeConfig(api_key=key))) as server:
+
+        def status(raw_key: bytes) -> int:
+            head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer " + raw_key
+            answer, _ = raw_exchange(server.port, [head + b"\r\n\r\n"], 0)
+            return int(answer.split(b" ")[1])
+
+        assert status(key.encode("utf-8")) == 200
+        assert status(key.encode("latin-1")) == 401  # the same characters in another encoding are another key
+        assert status(b"cle-u") == 401
+
+
+def test_serving_beyond_loopback_needs_a_key(runs, capsys):
+    from moalign.cli import main
+
+    assert main(["serve", str(runs["base"]), "--host", "0.0.0.0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("moalign serve: error: --host 0.0.0.0 is reachable") and "--insecure-no-key" in error
+    assert len(error.splitlines()) == 1
+    assert main(["serve", str(runs["base"]), "--port", "99999"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err

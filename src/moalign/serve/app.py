@@ -489,6 +489,11 @@ def create_app(policy: Any, config: ServeConfig | None = None) -> FastAPI:
     async def chat(body: ChatRequest, request: Request) -> Any:
         return await server.answer(request, body)
 
+    if getattr(policy, "modality", "text") == "image":  # image runs answer OpenAI's images API
+        from moalign.image.serve import add_image_routes
+
+        add_image_routes(app, server)
+
     app.add_middleware(
         GuardMiddleware, api_key=config.api_key, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s
     )

@@ -11,11 +11,12 @@ import asyncio
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from moalign.generation import SamplingParams
+from moalign.generation import SamplingParams, TokenCallback
 
 
 class ClientGone(Exception):
@@ -36,6 +37,7 @@ class Job:
     params: list[SamplingParams]
     future: asyncio.Future
     arrived: float
+    on_tokens: TokenCallback | None = None  # a streaming request's rows, as their tokens are sampled
 
 
 @dataclass
@@ -82,9 +84,16 @@ class Batcher:
             job.future.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def submit(self, prompts: list[str], weights: list[np.ndarray], params: list[SamplingParams]) -> Job:
+    def submit(
+        self,
+        prompts: list[str],
+        weights: list[np.ndarray],
+        params: list[SamplingParams],
+        on_tokens: TokenCallback | None = None,
+    ) -> Job:
+        """Queue a request's rows; `on_tokens(row, new_ids, finished)` is called from the worker thread."""
         loop = asyncio.get_running_loop()
-        job = Job(prompts, weights, params, loop.create_future(), loop.time())
+        job = Job(prompts, weights, params, loop.create_future(), loop.time(), on_tokens)
         self.pending.append(job)
         self.stats.requests += 1
         self.wakeup.set()
@@ -139,11 +148,24 @@ class Batcher:
         self.stats.batches += 1
         self.stats.rows += len(prompts)
         self.stats.batch_sizes = [*self.stats.batch_sizes[-99:], len(prompts)]
+        complete = partial(self.policy.complete, prompts, weights, params)
+        if any(job.on_tokens for job in batch):  # streaming jobs hear about their own rows only
+            owners = [(job, row) for job in batch for row in range(len(job.prompts))]
+
+            def on_tokens(index: int, ids: list[int], finished: bool) -> None:
+                job, row = owners[index]
+                if job.on_tokens is not None:
+                    job.on_tokens(row, ids, finished)
+
+            complete = partial(complete, on_tokens=on_tokens)
         try:
-            outputs = await loop.run_in_executor(self.executor, self.policy.complete, prompts, weights, params)
+            outputs = await loop.run_in_executor(self.executor, complete)
         except Exception as error:
             if len(batch) > 1:  # one bad request must not fail the others: run each alone
                 for job in batch:
+                    # Tokens already streamed would come again: the rest of a streaming job's text is
+                    # sent from its completion instead.
+                    job.on_tokens = None
                     await self.execute([job])
                 return
             if not batch[0].future.done():

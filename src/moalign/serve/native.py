@@ -15,7 +15,7 @@ from fastapi import Request
 
 from moalign.errors import MoalignError
 from moalign.generation import Completion
-from moalign.serve.batcher import Batcher, ClientGone
+from moalign.serve.batcher import Batcher, ClientGone, Job
 from moalign.serve.openai_format import Piece, Row, token_pieces
 from moalign.serve.schemas import ApiError
 
@@ -28,6 +28,36 @@ async def wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+class StreamedText:
+    """A row's text as its tokens arrive, and how much of it may be sent already.
+
+    Generation checks stop strings only every few tokens, so text that contains a stop string, or ends
+    in what could be the start of one, is held back; so is a character still missing some of its bytes.
+    What is sent is therefore always the beginning of the row's final text.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, ids: list[int]) -> str:
+        """The new text that is safe to send now."""
+        self.ids += ids
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cuts = [text.find(stop) for stop in self.stops if stop in text]
+        if cuts:
+            text = text[: min(cuts)]
+        else:
+            held = max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+            text = text[: len(text) - held]
+        text = text.rstrip("\ufffd")
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent) :], text
+        return new
 
 
 class NativeEngine:
@@ -69,6 +99,10 @@ class NativeEngine:
         if not job.future.done():
             self.batcher.cancel(job)
             raise ClientGone()
+        return self.result(job)
+
+    @staticmethod
+    def result(job: Job) -> list[Completion]:
         try:
             return job.future.result()
         except MoalignError as error:
@@ -84,11 +118,55 @@ class NativeEngine:
         ]
 
     async def pieces(self, request: Request, plan: Any) -> AsyncIterator[Piece]:
-        """Each row's text token by token, pieces that always join to the whole answer's text."""
-        outputs = await self.generate(request, plan)
+        """Each row's text as its tokens are sampled; the pieces always join to the whole answer's text.
+
+        With log-probabilities asked for (known per token once a row is done) or no tokenizer to decode
+        with, the pieces follow generation instead of accompanying it.
+        """
+        if plan.logprobs is not None or self.tokenizer is None:
+            outputs = await self.generate(request, plan)
+            for row, c in enumerate(outputs):
+                for t, text in enumerate(token_pieces(self.tokenizer, c.token_ids, c.text)):
+                    yield Piece(row, text, self.logprobs(plan, c, t, t + 1))
+                yield Piece(row, "", None, c.finish_reason, c.prompt_tokens, len(c.token_ids))
+            return
+        assert self.batcher is not None, "the server was not started"
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue[tuple[int, list[int]]] = asyncio.Queue()
+
+        def on_tokens(row: int, ids: list[int], finished: bool) -> None:  # on the worker thread
+            if ids:
+                loop.call_soon_threadsafe(arrived.put_nowait, (row, ids))
+
+        job = self.batcher.submit(plan.prompts, [plan.weights] * len(plan.prompts), plan.params, on_tokens)
+        texts = [StreamedText(self.tokenizer, params.stop) for params in plan.params]
+        watcher = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            while True:
+                getter = asyncio.ensure_future(arrived.get())
+                done, _ = await asyncio.wait({getter, job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                row, ids = getter.result()
+                if text := texts[row].add(ids):
+                    yield Piece(row, text)
+            if not job.future.done():
+                raise ClientGone()
+            # The worker queued every callback before the job's result: what is still queued came first.
+            while not arrived.empty():
+                row, ids = arrived.get_nowait()
+                if text := texts[row].add(ids):
+                    yield Piece(row, text)
+            outputs = self.result(job)
+        finally:
+            watcher.cancel()
+            if not job.future.done():
+                self.batcher.cancel(job)
         for row, c in enumerate(outputs):
-            for t, text in enumerate(token_pieces(self.tokenizer, c.token_ids, c.text)):
-                yield Piece(row, text, self.logprobs(plan, c, t, t + 1))
+            # The completion has the final text (cut at a stop string): send what was held back.
+            if rest := c.text[len(texts[row].sent) :] if c.text.startswith(texts[row].sent) else "":
+                yield Piece(row, rest)
             yield Piece(row, "", None, c.finish_reason, c.prompt_tokens, len(c.token_ids))
 
     # --- log-probabilities in each endpoint's format
