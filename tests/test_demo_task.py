@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -98,9 +97,7 @@ def test_base_model_reloads_and_generates(task: DemoTask):
 def test_second_call_reuses_everything(task: DemoTask):
     files = [task.train_path, *task.pairs_paths.values(), task.base_model / "model.safetensors"]
     stamps = [f.stat().st_mtime_ns for f in files]
-    start = time.monotonic()
     again = prepare_task(task.root, **SETTINGS)
-    assert time.monotonic() - start < 2
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert again.test_prompts == task.test_prompts and again.base_metrics == task.base_metrics
     with pytest.raises(MoalignError, match="other settings"):

@@ -13,7 +13,9 @@ import pytest
 
 from moalign.cli import main
 from moalign.errors import MoalignError
+from moalign.generation import SamplingParams
 from moalign.methods.paretohqd import representatives, select, usable_responses
+from moalign.policy import load_policy
 
 # N = 2, scores in [0, 10] on both objectives (normalised: divide by 10).
 SCORES_2D = np.array(
@@ -192,6 +194,35 @@ def command(tiny_lm: Path, samples: Path, run_dir: Path, *extra: str) -> list[st
     ]
 
 
+# One sampled answer per prompt (seeded): a tiny model's greedy answer is often empty.
+SAMPLED = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=i) for i in range(len(PROMPTS))]
+
+
+def served_logprobs(run_dir: Path, weights: list[float]) -> tuple[list, list[float]]:
+    """The policy's answers to PROMPTS for one preference, and the log-probabilities it reports for them."""
+    completions = load_policy(run_dir).complete(PROMPTS, [weights] * len(PROMPTS), SAMPLED)
+    assert sum(len(c.token_ids) for c in completions) >= 4  # something to compare
+    return completions, [lp for c in completions for lp in c.logprobs]
+
+
+def token_logprobs(model_dir: Path, completions: list, peft: bool = False) -> list[float]:
+    """log p(token | prompt, earlier tokens) of the completions' tokens under the model saved in `model_dir`,
+    read by transformers (or PEFT for an adapter folder) rather than by moalign, teacher-forced."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = (AutoPeftModelForCausalLM if peft else AutoModelForCausalLM).from_pretrained(str(model_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # moalign saves one beside every adapter too
+    values: list[float] = []
+    for prompt, completion in zip(PROMPTS, completions):
+        ids, answer = tokenizer(prompt, add_special_tokens=False)["input_ids"], completion.token_ids
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + answer])).logits[0, len(ids) - 1 : -1]
+        values += logits.log_softmax(-1).gather(1, torch.tensor(answer, dtype=torch.long)[:, None]).squeeze(1).tolist()
+    return values
+
+
 def test_select_only_writes_the_selection(tiny_lm, samples, tmp_path):
     run_dir = tmp_path / "select"
     args = ["--select_only", "--preferences", "grid:2", "--k", "3", "--n_layers", "2"]
@@ -212,8 +243,6 @@ def test_select_only_writes_the_selection(tiny_lm, samples, tmp_path):
 
 
 def test_two_stage_run_loads_generates_and_resumes(tiny_lm, samples, tmp_path, caplog, capsys):
-    from moalign.policy import load_policy
-
     run_dir = tmp_path / "run"
     config = tmp_path / "paretohqd.yaml"
     config.write_text(
@@ -234,9 +263,14 @@ def test_two_stage_run_loads_generates_and_resumes(tiny_lm, samples, tmp_path, c
 
     policy = load_policy(run_dir)
     assert policy.served_by(np.array([0.9, 0.1])) == "w1-0"
-    out = policy.generate(["\n\nHuman: hello\n\nAssistant:"], [0.2, 0.8])
-    assert len(out) == 1 and isinstance(out[0], str)
-    assert load_policy(run_dir / "stage1").generate(["hi"], [1.0, 0.0])  # stage 1 alone is a run too
+    # The answers for w = (0.2, 0.8) are the stage-2 w0-1 model's: their log-probabilities are what that model
+    # assigns their tokens, and not what the stage-1 model it started from assigns them.
+    completions, logprobs = served_logprobs(run_dir, [0.2, 0.8])
+    assert logprobs == pytest.approx(token_logprobs(run_dir / "models" / "w0-1", completions), abs=1e-4)
+    assert logprobs != pytest.approx(token_logprobs(run_dir / "stage1" / "models" / "w0-1", completions), abs=1e-4)
+    # Stage 1 alone is a run too, served by its own models.
+    completions, logprobs = served_logprobs(run_dir / "stage1", [1.0, 0.0])
+    assert logprobs == pytest.approx(token_logprobs(run_dir / "stage1" / "models" / "w1-0", completions), abs=1e-4)
 
     weights = run_dir / "models" / "w1-0" / "model.safetensors"
     before = weights.stat().st_mtime_ns
@@ -252,8 +286,6 @@ def test_two_stage_run_loads_generates_and_resumes(tiny_lm, samples, tmp_path, c
 
 
 def test_lora_adapters_share_the_base(tiny_lm, samples, tmp_path):
-    from moalign.policy import load_policy
-
     run_dir = tmp_path / "lora"
     extra = ["--preferences", "0.5,0.5", "--k", "2", "--stage1_max_steps", "1", "--stage2_prompts", "2"]
     extra += ["--sample_max_new_tokens", "4", "--use_peft", "--save_adapters", "--lora_r", "2"]
@@ -262,7 +294,11 @@ def test_lora_adapters_share_the_base(tiny_lm, samples, tmp_path):
     for folder in (run_dir / "stage1" / "models" / "w0.5-0.5", run_dir / "models" / "w0.5-0.5"):
         assert (folder / "adapter_config.json").exists()
         assert not (folder / "model.safetensors").exists()
-    assert load_policy(run_dir).generate(["hi"])
+    # The policy answers with the adapter on its base (read back by PEFT itself), not with the bare base.
+    completions, logprobs = served_logprobs(run_dir, [0.5, 0.5])
+    adapter = run_dir / "models" / "w0.5-0.5"
+    assert logprobs == pytest.approx(token_logprobs(adapter, completions, peft=True), abs=1e-4)
+    assert logprobs != pytest.approx(token_logprobs(tiny_lm, completions), abs=1e-4)
 
 
 @pytest.mark.parametrize(
