@@ -390,12 +390,20 @@ def test_dpo_then_modpo_end_to_end_and_resume(tiny_lm, tmp_path, monkeypatch):
     assert stage["steps"] == 2 and stage["weights"] == [0.5, 0.5]
 
     policy = load_policy(run)
-    params = SamplingParams(max_new_tokens=4, temperature=0)
     assert policy.served_by(np.array([0.6, 0.4])) == "w0.5-0.5"
     assert policy.served_by(np.array([0.0, 1.0])) == "model"  # the DPO corner
-    for weights in ([0.6, 0.4], [0.0, 1.0]):
-        responses = policy.generate([PROMPT], weights, params)
-        assert len(responses) == 1 and isinstance(responses[0], str)
+    # The corner's answers are the DPO run's own, token for token and log-probability for log-probability;
+    # the MODPO model trained for (0.5, 0.5) answers the same seeds otherwise.
+    prompts = [pair[0] for pair in PAIRS]
+    params = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=i) for i in range(len(prompts))]
+
+    def answers(served, weights):
+        return [(c.token_ids, c.logprobs) for c in served.complete(prompts, [weights] * len(prompts), params)]
+
+    corner = answers(policy, [0.0, 1.0])
+    assert corner == answers(load_policy(dpo_run), [0.0, 1.0])
+    assert any(ids for ids, _ in corner)
+    assert answers(policy, [0.6, 0.4]) != corner
 
     # A rerun finds every weight trained: no training step at all.
     assert main(args) == 0
