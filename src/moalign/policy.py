@@ -274,6 +274,9 @@ class GenerateConfig:
     temperature: float | None = None
     top_p: float | None = None
     seed: int = 0
+    out: str | None = field(default=None, metadata={"help": "image runs: folder to write the PNGs to"})
+    steps: int | None = field(default=None, metadata={"help": "image runs: denoising steps"})
+    guidance_scale: float | None = field(default=None, metadata={"help": "image runs: classifier-free guidance"})
 
 
 def generate_cli(argv: list[str]) -> None:
@@ -288,6 +291,10 @@ def generate_cli(argv: list[str]) -> None:
     )
     policy = load_policy(args.run_dir)
     weights = parse_weights(args.weights, policy.n_objectives) if args.weights else None
+    if getattr(policy, "modality", "text") == "image":
+        from moalign.image.policy import write_images
+
+        return write_images(policy, args, weights)
     overrides = {
         key: value
         for key, value in (

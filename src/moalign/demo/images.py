@@ -149,8 +149,9 @@ def demo_tokenizer(captions: list[str], tags: list[str], max_length: int = 16):
     )
 
 
-def tiny_pipeline(tokenizer, seed: int = 0):
-    """The untrained pipeline: 1.0M-parameter UNet (channels 32/64, cross-attention at 8×8), tiny CLIP."""
+def tiny_pipeline(tokenizer, seed: int = 0, channels: tuple[int, int] = (32, 64), text_width: int = 64):
+    """The untrained pipeline: by default a 1.0M-parameter UNet (channels 32/64, cross-attention at 8×8) and a
+    2-layer CLIP text encoder of width 64 (tests make smaller ones)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -160,8 +161,8 @@ def tiny_pipeline(tokenizer, seed: int = 0):
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=tokenizer.model_max_length,
@@ -174,13 +175,13 @@ def tiny_pipeline(tokenizer, seed: int = 0):
         sample_size=SIZE,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
+        block_out_channels=channels,
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,
+        cross_attention_dim=text_width,
         attention_head_dim=8,
-        norm_num_groups=8,
+        norm_num_groups=min(8, channels[0]),
     )
     # DDIM samples in few steps; training reads the same noise schedule through DDPMScheduler.from_config.
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1)

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, first_line
 from moalign.image.data import load_images
 from moalign.image.pipeline import conditioned_caption, encode_captions, load_pipeline, to_latents, to_pixels
 from moalign.methods.common import (
@@ -257,6 +257,7 @@ def train_denoiser(
         "steps": trainer.state.global_step,
         "samples": len(captions),
         "images": trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        "resumed_from": int(Path(resume).name.rpartition("-")[2]) if resume else 0,  # the checkpoint's step
     }
     unet = trainer.accelerator.unwrap_model(trainer.model)
     if callbacks:
@@ -308,8 +309,14 @@ class RiCImageRecipe:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_pipeline(self.config.model_name_or_path).tokenizer
+        if self._tokenizer is None:  # the pipeline's own, without loading its weights
+            from transformers import AutoTokenizer
+
+            path = self.config.model_name_or_path
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+            except (OSError, ValueError) as error:
+                raise MoalignError(f"cannot load the tokenizer of pipeline {path} ({first_line(error)})") from None
         return self._tokenizer
 
     def score_images(self, captions: list[str], images: list) -> dict[str, np.ndarray]:
@@ -417,8 +424,7 @@ class RiCImageRecipe:
         self.stages[f"generate_{k}"] = {"seconds": seconds, "images": len(images), "kept": int(kept.sum())}
 
     def run(self) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        offline = self.prepare()
+        offline = self.prepare()  # checks data and scores before anything is written
         stats = NormStats.fit(offline, self.names)
         denoiser = self.offline_stage(offline)
         stage_models = {"offline": str(denoiser.relative_to(self.run_dir))}
