@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from moalign.distributed import launch_warning
 from moalign.errors import MoalignError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"moalign: error: unknown command {command!r}; run `moalign --help`", file=sys.stderr)
         return 2
+    if (warning := launch_warning()) is not None:
+        print(f"moalign {command}: warning: {warning}", file=sys.stderr)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -6,6 +6,7 @@ option works and `--config file.yaml` behaves as in TRL's own scripts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from moalign import distributed
 from moalign.errors import MoalignError, first_line
 from moalign.run import atomic_write_text
 
@@ -61,6 +63,10 @@ class CommonArguments:
     sample_max_new_tokens: int = field(default=64, metadata={"help": "max new tokens when the method generates"})
     sample_temperature: float = 1.0
     sample_top_p: float = 1.0
+    generation_chunk_size: int = field(
+        default=256,
+        metadata={"help": "prompts per saved chunk when the method generates: what a kill loses, what a rank takes"},
+    )
 
     def __post_init__(self) -> None:
         # TRL defaults to bf16 and gradient checkpointing, which a CPU run cannot use.
@@ -200,11 +206,27 @@ def lora_config(config: CommonArguments, task_type: str = "CAUSAL_LM"):
     )
 
 
-def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest Trainer checkpoint in `output_dir`, to resume an interrupted stage from."""
-    from transformers.trainer_utils import get_last_checkpoint
+COMPLETE_CHECKPOINT = "trainer_state.json"  # the Trainer writes it last, after weights, optimizer and RNG
 
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+def last_checkpoint(output_dir: str | Path, complete: str = COMPLETE_CHECKPOINT) -> str | None:
+    """The newest complete checkpoint in `output_dir`, to resume an interrupted stage from.
+
+    A process killed while saving leaves a `checkpoint-N` without its last file (`complete`); resuming from
+    it fails ("Can't find a valid checkpoint"), so the main process deletes such folders and every rank
+    resumes from the same complete one.
+    """
+    folder = Path(output_dir)
+
+    def clean() -> str | None:
+        found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+        for partial in [p for p in found if not (p / complete).exists()]:
+            log.warning(f"removing the incomplete checkpoint {partial} (interrupted while saving)")
+            shutil.rmtree(partial, ignore_errors=True)
+        done = [p for p in found if (p / complete).exists()]
+        return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+    return distributed.run_on_main(clean)
 
 
 def save_final(model, tokenizer, destination: Path) -> None:
@@ -218,8 +240,6 @@ def save_final(model, tokenizer, destination: Path) -> None:
 
 def stage_args(config, output_dir: Path, **overrides):
     """A copy of the method config for one training stage, writing its checkpoints under `output_dir`."""
-    import dataclasses
-
     return dataclasses.replace(config, output_dir=str(output_dir), **overrides)
 
 
@@ -263,11 +283,10 @@ def train_sft(
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
-    seconds = time.perf_counter() - start
+    seconds = train_resumable(trainer, stage_dir)
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-    sequences = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    sequences = trainer.state.global_step * per_step
     tokens = int(sequences * sum(lengths) / max(1, len(lengths)))
     stats = {"seconds": seconds, "tokens": tokens, "steps": trainer.state.global_step, "samples": len(dataset)}
     # merged, later stages and policies load one plain model
@@ -276,18 +295,70 @@ def train_sft(
     )
 
 
+CLOCK_FILE = "moalign_clock.json"  # in a checkpoint: the stage's training seconds up to that checkpoint
+
+
+def stage_clock(resume: str | None):
+    """A Trainer callback that stores the stage's training seconds in every checkpoint it saves, so that a
+    resumed stage reports the seconds of every invocation (up to its checkpoint), not only of the last."""
+    from transformers import TrainerCallback
+
+    class StageClock(TrainerCallback):
+        def __init__(self) -> None:
+            clock = Path(resume) / CLOCK_FILE if resume else None
+            self.previous = float(json.loads(clock.read_text())["seconds"]) if clock and clock.exists() else 0.0
+            self.start = time.perf_counter()
+
+        def seconds(self) -> float:
+            return self.previous + time.perf_counter() - self.start
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                atomic_write_text(folder / CLOCK_FILE, json.dumps({"seconds": self.seconds()}))
+            return control
+
+    return StageClock()
+
+
+def train_resumable(trainer, stage_dir: Path) -> float:
+    """`trainer.train()` from the newest complete checkpoint in `stage_dir` (incomplete ones are cleaned);
+    returns the stage's training seconds summed over every invocation.
+
+    A stage shorter than `save_steps` would never be checkpointed and restart from scratch after a kill
+    (RiC's online SFT, a short preference stage): it is saved half-way instead.
+    """
+    import math
+
+    args = trainer.args
+    if getattr(args.save_strategy, "value", args.save_strategy) == "steps" and args.save_steps >= 1:
+        per_epoch = math.ceil(len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps)
+        total = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
+        if total >= 2 and args.save_steps >= total:
+            args.save_steps = total // 2
+    resume = last_checkpoint(stage_dir)
+    clock = stage_clock(resume)
+    trainer.add_callback(clock)
+    trainer.train(resume_from_checkpoint=resume)
+    return clock.seconds()
+
+
 def finish_stage(
     model, tokenizer, final_dir: Path, stage_dir: Path, stats: dict[str, Any], merge: bool
 ) -> dict[str, Any]:
     """Save a trained stage: merge its LoRA adapter if asked, save, write the marker last (a folder holding it
-    is complete, and a rerun skips it) and drop the stage's checkpoints. Returns `stats`."""
-    if merge:
-        model = model.merge_and_unload()
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    save_final(model, tokenizer, final_dir)
-    atomic_write_text(final_dir / STAGE_MARKER, json.dumps(stats))
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    return stats
+    is complete, and a rerun skips it) and drop the stage's checkpoints. Returns `stats` (the main process's:
+    it alone writes, while the other ranks wait)."""
+
+    def save() -> dict[str, Any]:
+        final = model.merge_and_unload() if merge else model
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        save_final(final, tokenizer, final_dir)
+        atomic_write_text(final_dir / STAGE_MARKER, json.dumps(stats))
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        return stats
+
+    return distributed.run_on_main(save)
 
 
 def sampling_fields(config: CommonArguments) -> dict[str, Any]:
@@ -304,6 +375,50 @@ def sampling_params(config: CommonArguments, seed: int = 0, stop: Sequence[str] 
     from moalign.generation import SamplingParams
 
     return SamplingParams(**sampling_fields(config), seed=seed, stop=list(stop))
+
+
+def generate_stage(
+    folder: Path,
+    prompts: Sequence[str],
+    params: Sequence[Any],
+    complete: Callable[[list[str], list[Any]], list[Any]],
+    chunk_size: int = 256,
+    key: Any = None,
+) -> tuple[list[Any], dict[str, Any]]:
+    """A generation stage (RiC's MORS, ParetoHqD's stage 2, evaluation): `complete(prompts, params)` over
+    every prompt, in chunks saved to `folder` as they are done and shared out between ranks.
+
+    A rerun after a kill generates only the missing chunks (same prompts, settings and `key`, e.g. the
+    model's path); rows are seeded one by one, so the completions do not depend on the chunking or on
+    which rank made them. Returns the completions in the prompts' order, on every rank, and the stage's
+    statistics (seconds summed over every invocation's chunks, tokens, the main process's wait).
+    """
+    from moalign.generation import Completion
+
+    def work(start: int, stop: int) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(c) for c in complete(list(prompts[start:stop]), list(params[start:stop]))]
+
+    key = distributed.fingerprint(list(prompts), [vars(p) for p in params], key)
+    rows, stats = distributed.map_chunks(folder, len(prompts), work, key, chunk_size)
+    completions = [Completion(**row) for row in rows]
+    stats["tokens"] = sum(len(c.token_ids) for c in completions)
+    return completions, stats
+
+
+def model_completer(path: str | Path, batch_size: int) -> Callable[[list[str], list[Any]], list[Any]]:
+    """`complete` for `generate_stage`: the model at `path` on this rank's device, loaded at the first chunk
+    this rank generates (a resumed stage with every chunk done loads nothing)."""
+    from moalign import generation
+
+    loaded: list[Any] = []
+
+    def complete(prompts: list[str], params: list[Any]) -> list[Any]:
+        if not loaded:
+            loaded.extend(generation.load_model(str(path), device=distributed.device()))
+        model, tokenizer = loaded
+        return generation.generate(model, tokenizer, prompts, params, batch_size=batch_size)
+
+    return complete
 
 
 def load_training_data(config: CommonArguments):
@@ -350,11 +465,13 @@ def train_per_preference(
 
 
 def training_totals(stages: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """The manifest's `training` entry: seconds and tokens summed over the stages, plus `extra`."""
+    """The manifest's `training` entry: seconds, tokens and FLOPs summed over the stages, plus `extra`."""
     return {
         "seconds": sum(float(s.get("seconds", 0.0)) for s in stages.values()),
         "tokens": int(sum(s.get("tokens", 0) for s in stages.values())),
+        "flops": float(sum(s.get("flops", 0.0) for s in stages.values())),
         "stages": stages,
+        "world_size": distributed.world_size(),
         **extra,
     }
 
@@ -362,7 +479,11 @@ def training_totals(stages: dict[str, dict[str, Any]], **extra: Any) -> dict[str
 def write_run_manifest(config: CommonArguments, method: str, policy: str | None, **fields: Any) -> None:
     """The run's manifest: method, the policy class that serves it ("module:Class"; None for runs that are
     not policies, such as preference models), base model, objectives, sampling, held-out prompts, plus
-    `fields`."""
+    `fields`. Written by the main process only."""
+    distributed.run_on_main(_write_run_manifest, config, method, policy, fields)
+
+
+def _write_run_manifest(config: CommonArguments, method: str, policy: str | None, fields: dict[str, Any]) -> None:
     from moalign.run import write_manifest
 
     run_dir = Path(config.output_dir)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,18 +28,18 @@ import datasets
 import numpy as np
 from trl import GRPOConfig
 
-from moalign import data
+from moalign import data, distributed
 from moalign.errors import MoalignError, first_line
 from moalign.methods.common import (
     CommonArguments,
     finish_stage,
     finished_stage,
-    last_checkpoint,
     load_tokenizer,
     lora_config,
     parse_config,
     score_cache,
     train_per_preference,
+    train_resumable,
     training_totals,
     write_run_manifest,
 )
@@ -228,13 +226,8 @@ def train_trl(
         )
     except ValueError as error:
         raise MoalignError(f"{config.algorithm}: {first_line(error)}") from None
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
-    seconds = time.perf_counter() - start
+    seconds = train_resumable(trainer, stage_dir)
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.accelerator.is_main_process:  # under `accelerate launch` one process writes the model
-        return {}
     model = trainer.accelerator.unwrap_model(trainer.model)
     stats = {
         "seconds": seconds,
@@ -259,7 +252,7 @@ def train(config: MORLConfig) -> Path:
     prompts, samples = load_training_data(config)
     if not prompts:
         raise MoalignError(f"{config.dataset} has no prompts")
-    stats = fit_normalization(config, objectives, samples)
+    stats = distributed.run_on_main(fit_normalization, config, objectives, samples)  # scored once, shared
     method = "morlhf" if config.scalarization == "linear" else "morl"
     options = config.scalarization_options()
 
@@ -289,7 +282,7 @@ def train(config: MORLConfig) -> Path:
         )
 
     train_per_preference(preferences, run_dir, train_one, on_trained=write)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    distributed.remove(run_dir / "checkpoints")
     return run_dir
 
 

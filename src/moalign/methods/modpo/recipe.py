@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,12 +17,12 @@ from typing import Any
 import datasets
 from trl import DPOConfig, DPOTrainer
 
+from moalign import distributed
 from moalign.errors import MoalignError
 from moalign.methods.common import (
     CommonArguments,
     finish_stage,
     finished_stage,
-    last_checkpoint,
     load_causal_lm,
     load_tokenizer,
     lora_config,
@@ -31,6 +30,7 @@ from moalign.methods.common import (
     parse_config,
     stage_args,
     train_per_preference,
+    train_resumable,
     training_totals,
     write_run_manifest,
 )
@@ -178,9 +178,7 @@ def train_preference_stage(
         trainer = DPOTrainer(train_dataset=plain, **common)
     else:
         trainer = MODPOTrainer(weights=weights, train_dataset=dataset, **common)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
-    seconds = time.perf_counter() - start
+    seconds = train_resumable(trainer, stage_dir)
     stats = {
         "seconds": seconds,
         "tokens": _token_count(trainer),
@@ -227,9 +225,10 @@ def train(config: MODPOConfig) -> Path:
     plan = plan_modpo(config)
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    pairs = load_pairs(config, plan.names)
     start = time.perf_counter()
-    margin_c, margin_r, stats = cached_margins(config, plan.margin_specs, plan.objectives, pairs, run_dir)
+    with distributed.main_first():  # the main process scores and caches the margins; the others read them
+        pairs = load_pairs(config, plan.names)
+        margin_c, margin_r, stats = cached_margins(config, plan.margin_specs, plan.objectives, pairs, run_dir)
     margin_seconds = time.perf_counter() - start
     dataset = training_dataset(pairs, (margin_c, margin_r))
     ends = _end_entries(config, plan, run_dir)
@@ -256,7 +255,7 @@ def train(config: MODPOConfig) -> Path:
         )
 
     train_per_preference(plan.preferences, run_dir, train_one, on_trained=write)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    distributed.remove(run_dir / "checkpoints")
     return run_dir
 
 

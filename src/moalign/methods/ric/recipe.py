@@ -23,13 +23,14 @@ import numpy as np
 import pandas as pd
 from trl import SFTConfig
 
-from moalign import data
+from moalign import data, distributed
 from moalign.errors import MoalignError
-from moalign.generation import generate, load_model
 from moalign.methods.common import (
     CommonArguments,
     finished_stage,
+    generate_stage,
     load_training_data,
+    model_completer,
     parse_config,
     sampling_params,
     score_cache,
@@ -115,7 +116,6 @@ class RiCRecipe:
         self.template = _template(config, self.names)
         self.cache = score_cache(config)
         self.stages: dict[str, Any] = {}
-        self.generate_stats: dict[str, Any] = {}
 
     def record(self, name: str, stats: dict[str, Any] | None = None) -> None:
         """Keep a data stage's statistics beside its data, so a resumed run's manifest still has them."""
@@ -169,11 +169,10 @@ class RiCRecipe:
         z_offline = offline[[f"z_{n}" for n in self.names]].to_numpy()
         low, high = z_offline.min(axis=0), z_offline.max(axis=0)
         if not generated_path.exists():
-            generated = self.generate_online(k, model_dir, offline, stats, low, high)
-            atomic_write_parquet(generated, generated_path)
-            self.record(f"generate_{k}", self.generate_stats)
-        else:
-            self.record(f"generate_{k}")
+            prompts, completions, generation = self.generate_online(k, model_dir, offline, low, high)
+            distributed.run_on_main(self.label_online, k, prompts, completions, generation, stats)
+            distributed.remove(self.run_dir / "data" / f"{name}_chunks")
+        self.record(f"generate_{k}")
         # The buffer grows: every earlier iteration's kept samples stay in.
         buffer = pd.concat([pd.read_parquet(self.run_dir / "data" / f"online_{j}.parquet") for j in range(1, k + 1)])
         buffer = buffer[buffer["kept"]]
@@ -202,25 +201,35 @@ class RiCRecipe:
         return final
 
     def generate_online(
-        self, k: int, model_dir: Path, offline: pd.DataFrame, stats: NormStats, low: np.ndarray, high: np.ndarray
-    ) -> pd.DataFrame:
-        """Generate for sampled targets, drop degenerate responses, score, relabel (hindsight), filter."""
+        self, k: int, model_dir: Path, offline: pd.DataFrame, low: np.ndarray, high: np.ndarray
+    ) -> tuple[list[str], list[Any], dict[str, Any]]:
+        """Generate for sampled targets, in chunks saved as they finish and shared out between ranks."""
         config = self.config
         rng = np.random.default_rng(config.seed + 1000 * k)
         unique_prompts = offline["prompt"].unique()
         prompts = list(rng.choice(unique_prompts, size=config.online_prompts, replace=True))
         targets = sample_targets(len(prompts), low, high, rng)
-        model, tokenizer = load_model(str(model_dir))
-        start = time.perf_counter()
         # Stop at a turn the model invents ("\n\nHuman: ..."): it is not part of the answer to score and train on.
         params = [
             sampling_params(config, seed=config.seed + 100_000 * k + i, stop=data.TURN_MARKERS)
             for i in range(len(prompts))
         ]
         conditioned = [format_prompt(p, t, self.template) for p, t in zip(prompts, targets)]
-        completions = generate(model, tokenizer, conditioned, params, batch_size=config.generation_batch_size)
-        seconds = time.perf_counter() - start
-        del model
+        completions, generation = generate_stage(
+            self.run_dir / "data" / f"online_{k}_chunks",
+            conditioned,
+            params,
+            model_completer(model_dir, config.generation_batch_size),
+            config.generation_chunk_size,
+            key=str(model_dir),
+        )
+        return prompts, completions, generation
+
+    def label_online(
+        self, k: int, prompts: list[str], completions: list[Any], generation: dict[str, Any], stats: NormStats
+    ) -> None:
+        """Drop degenerate responses, score, relabel (hindsight), filter; written by the main process."""
+        config = self.config
         responses = [c.text.strip() for c in completions]
         fine = [
             i
@@ -235,21 +244,24 @@ class RiCRecipe:
             frame[f"z_{name}"] = z[:, i]
         frame["kept"] = mors_filter(z, config.online_quantile)
         log.info(
-            f"online {k}: generated {len(prompts)} in {seconds:.1f}s, {len(prompts) - len(fine)} degenerate, "
-            f"kept {int(frame['kept'].sum())}"
+            f"online {k}: generated {len(prompts)} in {generation['seconds']:.1f}s, "
+            f"{len(prompts) - len(fine)} degenerate, kept {int(frame['kept'].sum())}"
         )
-        self.generate_stats = {
-            "seconds": seconds,
-            "tokens": int(sum(len(c.token_ids) for c in completions)),
-            "generated": len(prompts),
-            "degenerate": len(prompts) - len(fine),
-            "kept": int(frame["kept"].sum()),
-        }
-        return frame
+        atomic_write_parquet(frame, self.run_dir / "data" / f"online_{k}.parquet")
+        self.record(
+            f"generate_{k}",
+            {
+                **generation,
+                "generated": len(prompts),
+                "degenerate": len(prompts) - len(fine),
+                "kept": int(frame["kept"].sum()),
+            },
+        )
 
     def run(self) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        offline = self.prepare()
+        with distributed.main_first():  # the main process scores and caches; the others read its cache
+            offline = self.prepare()
         stats = self.stats(offline)
         model_dir = self.offline_stage(offline)
         stage_models = {"offline": str(model_dir.relative_to(self.run_dir))}
