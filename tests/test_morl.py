@@ -47,9 +47,9 @@ def write_samples(directory: Path) -> Path:
     return path
 
 
-def morl_config(tmp_path: Path, model: Path, *extra: str) -> MORLConfig:
-    """A config parsed by the real command-line parser (flags as a user would give them)."""
-    argv = [
+def morl_argv(tmp_path: Path, model: Path, *extra: str) -> list[str]:
+    """`moalign morl` flags as a user would give them."""
+    return [
         "--model_name_or_path", str(model),
         "--dataset", str(write_samples(tmp_path)),
         "--output_dir", str(tmp_path / "run"),
@@ -64,7 +64,11 @@ def morl_config(tmp_path: Path, model: Path, *extra: str) -> MORLConfig:
         "--logging_steps", "1",
         *extra,
     ]  # fmt: skip
-    return parse_config(MORLConfig, argv)
+
+
+def morl_config(tmp_path: Path, model: Path, *extra: str) -> MORLConfig:
+    """A config parsed by the real command-line parser."""
+    return parse_config(MORLConfig, morl_argv(tmp_path, model, *extra))
 
 
 def parameters_differ(path_a: Path, path_b: Path) -> bool:
@@ -75,12 +79,23 @@ def parameters_differ(path_a: Path, path_b: Path) -> bool:
     return any(not torch.equal(a[name], b[name]) for name in a)
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "ppo"])
-def test_one_rl_step_changes_the_policy_and_keeps_kl_finite(tmp_path, tiny_lm, algorithm):
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "ppo"])
+def test_one_rl_step_through_the_command_line(tmp_path, tiny_lm, algorithm, monkeypatch):
+    """`moalign morl --algorithm A`: one step trains the policy that the run then serves."""
+    import trl
+
+    from moalign.cli import main
+    from moalign.generation import SamplingParams, generate, load_model
     from moalign.policy import load_policy
 
-    config = morl_config(tmp_path, tiny_lm, "--algorithm", algorithm, "--preferences", "0.5,0.5", "--ppo_epochs", "2")
-    run_dir = train(config)
+    trainers = {"rloo": trl.RLOOTrainer, "grpo": trl.GRPOTrainer}
+    used: list[str] = []
+    for name, trainer in trainers.items():  # which TRL trainer ran (each still trains as it would)
+        monkeypatch.setattr(trainer, "train", record_call(trainer.train, lambda name=name: used.append(name)))
+    argv = morl_argv(tmp_path, tiny_lm, "--algorithm", algorithm, "--preferences", "0.5,0.5", "--ppo_epochs", "2")
+    assert main(["morl", *argv]) == 0
+    assert used == ([algorithm] if algorithm in trainers else [])
+    run_dir = tmp_path / "run"
     manifest = json.loads((run_dir / "moalign.json").read_text())
     assert manifest["method"] == "morlhf" and manifest["algorithm"] == algorithm
     assert manifest["models"] == [{"preference": [0.5, 0.5], "path": "models/w0.5-0.5"}]
@@ -89,8 +104,58 @@ def test_one_rl_step_changes_the_policy_and_keeps_kl_finite(tmp_path, tiny_lm, a
     assert stage["steps"] == 1 and math.isfinite(stage["kl_last"]) and stage["tokens"] > 0
     assert parameters_differ(tiny_lm, run_dir / "models" / "w0.5-0.5")
     assert not (run_dir / "checkpoints").exists()
-    policy = load_policy(run_dir)
-    assert len(policy.generate([PROMPT.format("the cat")], [0.4, 0.6])) == 1
+    # The run serves the trained model, not the base: same prompts and seeds, the trained model's answers.
+    prompts = [PROMPT.format(" ".join(text.split()[:3])) for text in CORPUS[:4]]
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=i) for i in range(len(prompts))]
+    served = load_policy(run_dir).complete(prompts, [[0.4, 0.6]] * len(prompts), params)
+
+    def own(model_dir: Path) -> list[tuple[list[int], list[float]]]:
+        return [(c.token_ids, c.logprobs) for c in generate(*load_model(str(model_dir)), prompts, params)]
+
+    assert [(c.token_ids, c.logprobs) for c in served] == own(run_dir / "models" / "w0.5-0.5") != own(tiny_lm)
+
+
+def record_call(method, note):
+    """`method` as it is, calling `note()` first."""
+
+    def wrapper(self, *args, **kwargs):
+        note()
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def test_ppo_update_raises_the_advantage_weighted_log_probability(tmp_path, tiny_lm):
+    """One PPO update moves each token's log-probability the way its advantage says: up where it is positive,
+    down where it is negative (a sign error in the clipped surrogate moves them the other way)."""
+    from moalign.generation import prepare_tokenizer
+    from moalign.methods.common import load_tokenizer
+    from moalign.methods.ppo import PPO, Rollout, logprobs_and_values, pad_sequences
+
+    config = morl_config(tmp_path, tiny_lm, "--algorithm", "ppo", "--ppo_epochs", "1", "--learning_rate", "1e-3")
+    config.vf_coef = 0.0  # the policy loss alone
+    tokenizer = load_tokenizer(str(tiny_lm))
+    prepare_tokenizer(tokenizer)
+    ppo = PPO(config, str(tiny_lm), tokenizer, "cpu")
+    prompts = [PROMPT.format(text) for text in ("the cat", "cook the rice", "travel light", "plants")]
+    answers = ["sat on the mat", "slowly and add some salt", "and keep your passport safe", "need water"]
+    queries = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    responses = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] for a in answers]
+    ids, attention, mask, width = pad_sequences(queries, responses, tokenizer.pad_token_id, "cpu")
+
+    def logprobs() -> torch.Tensor:
+        with torch.no_grad():
+            return logprobs_and_values(ppo.policy, ppo.head, ids, attention, width, config.temperature)[0] * mask
+
+    before = logprobs()
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None]  # rows 0 and 2 were good, rows 1 and 3 bad
+    advantages = sign * mask
+    zeros = torch.zeros_like(mask)
+    batch = Rollout(ids, attention, width, mask, before, zeros, advantages, zeros, zeros[:, 0], zeros[:, 0])
+    ppo.update(batch, seed=0)
+    change = (logprobs() - before).sum(1) / mask.sum(1)  # mean change of each row's token log-probabilities
+    assert (change * sign[:, 0] > 0).all(), change
+    assert float((advantages * (logprobs() - before)).sum()) > 0
 
 
 def test_ppo_resumes_from_its_checkpoint(tmp_path, tiny_lm):
