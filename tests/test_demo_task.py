@@ -14,7 +14,10 @@ from moalign.errors import MoalignError
 
 # Small enough to score in seconds; the corpus of N samples is the first N samples of the full corpus.
 N_SAMPLES = 1500
-SETTINGS = dict(n_samples=N_SAMPLES, progress=False, n_test=40, base_max_steps=3)
+# All three scorers: the corpus is built so that every pair of them conflicts (the demo itself scores two).
+SETTINGS = dict(
+    n_samples=N_SAMPLES, progress=False, n_test=40, base_max_steps=3, objectives=("relevance", "vader", "brevity")
+)
 
 
 @pytest.fixture(scope="module")

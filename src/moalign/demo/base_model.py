@@ -17,10 +17,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from moalign.run import atomic_path
 
@@ -43,7 +41,6 @@ class BaseModelConfig:
     batch_size: int = 8  # small batches, many updates: what learns fastest per CPU second here
     learning_rate: float = 3e-3
     warmup_steps: int = 10
-    time_budget_s: float = 170.0  # training stops here even if max_steps is not reached
     seed: int = 0
     n_eval_samples: int = 100  # prompts sampled for distinct-2
 
@@ -93,62 +90,21 @@ def build_model(tokenizer, config: BaseModelConfig):
     return GPT2LMHeadModel(gpt2)
 
 
-def busy_cores_elsewhere(window_s: float = 0.5) -> float:
-    """Cores other processes keep busy, measured from /proc over `window_s` (load average elsewhere)."""
-    try:
-
-        def busy_jiffies() -> int:
-            values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-            return sum(values) - values[3] - values[4]  # everything but idle and iowait
-
-        def own_jiffies() -> int:
-            fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-            return int(fields[11]) + int(fields[12])  # utime + stime
-
-        busy, own = busy_jiffies(), own_jiffies()
-        time.sleep(window_s)
-        busy, own = busy_jiffies() - busy, own_jiffies() - own
-        return max(0.0, (busy - own) / (os.sysconf("SC_CLK_TCK") * window_s))
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-
-
-def training_threads() -> int:
-    """Torch threads to use: the cores nobody else is using, at least one.
-
-    On a shared machine two OpenMP threads fighting another process for two cores ran several times
-    slower than one thread alone (measured: 0.22 vs 1.65 steps/s), so other processes' load decides.
-    """
-    cores = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), int(cores - busy_cores_elsewhere() + 0.5)))
+# The demo computes on one torch thread: CPU kernels sum in an order that depends on the thread count (two threads
+# and one give different weights after 30 steps), so a fixed count gives the same numbers on any machine; and one
+# thread never fights other processes for the cores (two threads on two busy cores ran 5x slower than one).
+DEMO_THREADS = 1
 
 
 @contextmanager
-def cpu_threads() -> Iterator[int]:
-    """Run the block on `training_threads()` torch threads, then restore the previous setting."""
-    threads, before = training_threads(), torch.get_num_threads()
-    torch.set_num_threads(threads)
+def demo_threads() -> Iterator[int]:
+    """Run the block on `DEMO_THREADS` torch threads, then restore the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)
     try:
-        yield threads
+        yield DEMO_THREADS
     finally:
         torch.set_num_threads(before)
-
-
-class _TimeBudget(TrainerCallback):
-    """Stops training once the wall-clock budget is spent: a slow or busy machine still finishes the demo."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.start = time.monotonic()
-        self.hit = False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.start > self.seconds:
-            self.hit = control.should_training_stop = True
-        return control
 
 
 @torch.inference_mode()
@@ -253,27 +209,18 @@ def train_base_model(
             dataloader_num_workers=0,
             train_sampling_strategy="group_by_length",  # less padding: the demo is compute-bound on a CPU
         )
-        budget = _TimeBudget(config.time_budget_s)
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=Dataset.from_dict({"text": list(corpus_texts)}),
             processing_class=tokenizer,
-            callbacks=[budget],
         )
-        with cpu_threads() as threads:
+        with demo_threads() as threads:
             log.info("base model: training %d steps on %d torch thread(s)", config.max_steps, threads)
             train_start = time.monotonic()
             result = trainer.train()
             train_seconds = time.monotonic() - train_start
         steps = trainer.state.global_step
-        if budget.hit:
-            log.warning(
-                "base model: stopped at step %d of %d: %.0f s budget spent",
-                steps,
-                config.max_steps,
-                config.time_budget_s,
-            )
         log.info("base model: %d steps in %.1f s, train loss %.3f", steps, train_seconds, result.training_loss)
 
         model = trainer.model.eval()
@@ -288,7 +235,7 @@ def train_base_model(
         if len(eval_prompts):
             start = time.monotonic()
             prompts = list(eval_prompts[: config.n_eval_samples])
-            with cpu_threads():
+            with demo_threads():
                 metrics["perplexity"] = round(perplexity(model, tokenizer, eval_prompts, eval_responses), 3)
                 samples = sample(model, tokenizer, prompts)
             metrics["distinct_2"] = round(distinct_n(samples), 4)

@@ -111,14 +111,16 @@ def train_demo_runs(out: Path, configs: Path = SHIPPED_CONFIGS, n_eval_prompts: 
 
 
 def run_demo(out: Path, configs: Path, n_eval_prompts: int, divisions: int) -> Path:
+    from moalign.demo.base_model import demo_threads
     from moalign.evaluate import evaluate_runs
 
     start = time.perf_counter()
-    timings = train_demo_runs(out, configs, n_eval_prompts)
-    names = read_manifest(out / "ric")["objective_names"]
-    t = time.perf_counter()
-    results = evaluate_runs([out / "base", out / "sft", out / "ric"], divisions=divisions, output_dir=out)
-    timings["eval"] = time.perf_counter() - t
+    with demo_threads():  # the same numbers on any machine, whatever else runs on it
+        timings = train_demo_runs(out, configs, n_eval_prompts)
+        names = read_manifest(out / "ric")["objective_names"]
+        t = time.perf_counter()
+        results = evaluate_runs([out / "base", out / "sft", out / "ric"], divisions=divisions, output_dir=out)
+        timings["eval"] = time.perf_counter() - t
     steps = ", ".join(f"{step} {seconds:.0f}s" for step, seconds in timings.items())
     print(f"\nmoalign demo finished in {time.perf_counter() - start:.0f}s ({steps})")
     print(f"{'run':<6} {'hypervolume':>12} {'collapse':>9}  steerability ({', '.join(names)})")

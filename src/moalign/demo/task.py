@@ -24,8 +24,8 @@ from moalign.scores import cache_dir
 
 log = logging.getLogger(__name__)
 
-CORPUS_VERSION = "v8"  # bump when the corpus generator, the pairs or the base model recipe change
-DEFAULT_OBJECTIVES = ("relevance", "vader", "brevity")
+CORPUS_VERSION = "v9"  # bump when the corpus generator, the pairs or the base model recipe change
+DEFAULT_OBJECTIVES = ("vader", "brevity")  # what the demo trains on; relevance (MiniLM) is scored where asked
 DEFAULT_SAMPLES = 12000
 MANIFEST = "task.json"
 SPEC = "spec.json"
@@ -185,13 +185,13 @@ def prepare_task(
         frame = pd.read_parquet(train_path)
         names = [c for c in frame.columns if c not in {"prompt", "response"}]
     else:
-        from moalign.demo.base_model import cpu_threads
+        from moalign.demo.base_model import demo_threads
         from moalign.objectives import build_all
         from moalign.scores import ScoreCache, score
 
         start = time.monotonic()
         built = build_all(list(objectives))
-        with cpu_threads():
+        with demo_threads():
             cache = ScoreCache(cache_dir() / "scores.sqlite")
             scores = score(built, corpus.prompts, corpus.responses, cache=cache, progress=progress)
         timings["score_s"] = round(time.monotonic() - start, 2)
