@@ -391,8 +391,9 @@ def test_prompt_and_max_tokens_must_fit_the_context(modpo_server):
 
 
 def test_native_stream_sends_chunks_before_the_last_token_is_generated(runs):
-    """Generation is held at its 6th forward pass until the client has read a chunk: a server that sent
-    its chunks after generation would never let the client read one, and the gate would time out."""
+    """Generation is held at its 28th of 32 forward passes until the client has read a chunk: a server that
+    sent its chunks after generation would never let the client read one, and the gate would time out.
+    (Generation hands tokens over at its host syncs, every few steps.)"""
     from moalign.policy import load_policy
 
     policy = load_policy(runs["modpo"], device="cpu")
@@ -401,21 +402,21 @@ def test_native_stream_sends_chunks_before_the_last_token_is_generated(runs):
 
     def hold(module, args, output) -> None:
         forwards[0] += 1
-        if forwards[0] == 6:
+        if forwards[0] == 28:
             waited.append(gate.wait(30))
 
     model.register_forward_hook(hold)
     config = ServeConfig(batch_wait_ms=0)
     with ServerThread(create_app(policy, config), **uvicorn_options(config)) as server:
         stream = client(server).completions.create(
-            model="modpo", prompt="the answer is", max_tokens=12, seed=0, stream=True, extra_body={"preference": [1, 0]}
+            model="modpo", prompt="the answer is", max_tokens=32, seed=0, stream=True, extra_body={"preference": [1, 0]}
         )
         texts = []
         for chunk in stream:
             texts.append(chunk.choices[0].text)
             gate.set()
     assert waited == [True]  # the client read a chunk while generation was held
-    assert "".join(texts) == " yes" * 12 and len([t for t in texts if t]) > 1
+    assert "".join(texts) == " yes" * 32 and len([t for t in texts if t]) > 1
 
 
 def test_streamed_text_holds_back_a_possible_stop_string(tmp_path):

@@ -30,7 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "soups": ("moalign.methods.soups", "Rewarded Soups: weight averages of per-objective models"),
     "eval": ("moalign.evaluate", "evaluate runs on the preference grid: fronts, hypervolume, report"),
     "generate": ("moalign.policy", "generate from a run for a preference"),
-    "serve": ("moalign.serve", "serve a run over an OpenAI-compatible HTTP API"),
+    "serve": ("moalign.serve", "serve a run over an OpenAI-compatible HTTP API (in-process or routed to --upstream)"),
+    "export": ("moalign.export", "write a run's models for vLLM or transformers serve; print the commands"),
 }
 
 # Subcommands whose module serves several commands get their own entry point name.

@@ -111,6 +111,8 @@ class UpstreamEngine:
         body = self.request(plan, row, stream=False)
         try:
             answer = await self.client.completions.create(**body)
+            if not isinstance(answer, openai.types.Completion):  # the client hands back text it could not parse
+                raise ValueError(f"not a JSON completion object: {str(answer)[:80]!r}")
             choice = answer.choices[0]
             text, finish = choice.text, choice.finish_reason
             if not isinstance(text, str):
