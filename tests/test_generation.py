@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import chisquare
 
 from moalign.generation import SamplingParams, generate, load_model
+from moalign.testing import build_causal_lm
 
 PROMPTS = ["the cat", "a good day is a sunny day with friends and", "cook the rice slowly", "travel"]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
@@ -127,3 +131,54 @@ def test_streamed_tokens_join_to_each_rows_completion(lm):
     completions = generate(model, tokenizer, PROMPTS, rows, batch_size=3, on_tokens=on_tokens)
     assert sorted(finished) == list(range(len(PROMPTS)))
     assert [streamed[i] for i in range(len(PROMPTS))] == [c.token_ids for c in completions]
+
+
+@pytest.fixture(scope="module")
+def peaked_lm(tmp_path_factory):
+    """A tiny GPT-2 whose next-token distribution is peaked (a scaled final layer norm): a sampler drawing at
+    the wrong temperature or outside the nucleus then shows in a few thousand draws."""
+
+    def sharpen(model, tokenizer) -> None:
+        model.transformer.ln_f.weight.mul_(15.0)
+
+    return load_model(str(build_causal_lm(tmp_path_factory.mktemp("peaked") / "lm", customize=sharpen)), device="cpu")
+
+
+def target_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> np.ndarray:
+    """softmax(logits / T) cut to the smallest set of top tokens whose mass reaches top_p, renormalised."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    order = probs.argsort(descending=True)
+    before = probs[order].cumsum(0) - probs[order]
+    kept = torch.zeros_like(probs)
+    kept[order[before < top_p]] = probs[order[before < top_p]]
+    return (kept / kept.sum()).numpy()
+
+
+def chi_square_p(counts: Counter, expected: np.ndarray, n: int) -> float:
+    """Pearson's test over tokens expected ≥ 5 times, the rest pooled in one bin (itself ≥ 5 or dropped)."""
+    big = expected * n >= 5
+    observed = [counts.get(int(i), 0) for i in np.flatnonzero(big)]
+    wanted = list(expected[big] * n)
+    rest_observed, rest_wanted = n - sum(observed), n - sum(wanted)
+    if rest_wanted >= 5:
+        observed.append(rest_observed)
+        wanted.append(rest_wanted)
+    return float(chisquare(observed, np.asarray(wanted) * sum(observed) / sum(wanted)).pvalue)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.6, 1.0), (1.5, 1.0), (1.0, 0.6)])
+@torch.inference_mode()
+def test_sampler_draws_from_the_models_distribution(peaked_lm, temperature, top_p):
+    """The first sampled token over 3000 seeds follows softmax(logits / T) within the top_p nucleus
+    (chi-square), and the same draws reject the distribution at a neighbouring temperature."""
+    model, tokenizer = peaked_lm
+    n, prompt = 3000, "the cat"
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    logits = model(input_ids=ids).logits[0, -1]
+    rows = [SamplingParams(max_new_tokens=1, temperature=temperature, top_p=top_p, seed=s) for s in range(n)]
+    completions = generate(model, tokenizer, [prompt] * n, rows, batch_size=n)
+    counts = Counter(c.token_ids[0] if c.token_ids else tokenizer.eos_token_id for c in completions)
+    expected = target_distribution(logits, temperature, top_p)
+    assert all(expected[token] > 0 for token in counts)  # nothing outside the nucleus, ever
+    assert chi_square_p(counts, expected, n) > 1e-3
+    assert chi_square_p(counts, target_distribution(logits, temperature * 1.25, top_p), n) < 1e-6

@@ -1,8 +1,10 @@
-"""Batched sampling from any Hugging Face causal LM: left padding, KV cache, per-row seeds and settings.
+"""The generation engine: batched sampling from any Hugging Face causal LM with per-row seeds and settings.
 
 The decoding loop is written out (nanoGPT-style) rather than delegated to `model.generate` so that each
-row samples from its own seeded generator: a prompt's output never depends on what else is in its batch,
-which the server's request batching relies on, and each token's log-probability comes for free.
+row samples from its own seeded draws: a prompt's output never depends on what else is in its batch,
+which the server's request batching relies on, and each token's log-probability comes for free. Prompts
+are prefilled in length-sorted batches with a KV cache; each decode step does no host work per row (see
+`_Decoder`). Evaluation, every method that generates and the server go through `generate`.
 """
 
 from __future__ import annotations
@@ -68,37 +70,39 @@ def prepare_tokenizer(tokenizer) -> None:
     tokenizer.padding_side = "left"
 
 
-def _sample(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generators: list[torch.Generator]
+def sample_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, nucleus: bool = True
 ) -> torch.Tensor:
-    """One token per row: greedy where temperature is 0, else nucleus sampling with the row's generator.
+    """One token per row by inverting the row's CDF at its own uniform draw: greedy where temperature is 0,
+    else from softmax(logits / temperature) cut to the top_p nucleus.
 
-    Rows with top_p = 1 draw from the unsorted distribution: sorting the vocabulary every step is the
-    costliest part of sampling. Which path a row takes depends only on its own settings, so its output
-    never depends on the other rows of its batch.
+    The uniform draws come from the row's seeded generator, drawn in bulk before decoding, so sampling
+    needs no host work per step and a row's token never depends on the other rows. Rows with top_p = 1
+    invert the unsorted distribution (sorting the vocabulary is the costliest part of sampling);
+    `nucleus=False` says no row has top_p < 1 and skips the sort altogether.
     """
-    greedy = logits.argmax(dim=-1)
-    scaled = logits / temperature.clamp(min=1e-6)[:, None]
-    probs = torch.softmax(scaled.float(), dim=-1)
-    draws = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)
     last = logits.size(-1) - 1
+    probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6)[:, None], dim=-1)
     cumulative = probs.cumsum(dim=-1)
-    sampled = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None]).clamp(max=last).squeeze(1)
-    nucleus = top_p < 1
-    if bool(nucleus.any()):
+    # right=True: the first token whose cumulative mass exceeds the draw, never a zero-probability one
+    drawn = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True).clamp(max=last)
+    drawn = drawn.squeeze(1)
+    if nucleus:
         sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-        kept = sorted_probs.cumsum(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        sorted_probs = sorted_probs.masked_fill(kept - sorted_probs >= top_p[:, None], 0.0)
-        kept = sorted_probs.cumsum(dim=-1)
-        position = torch.searchsorted(kept, (draws * kept[:, -1])[:, None]).clamp(max=last)
-        sampled = torch.where(nucleus, sorted_ids.gather(1, position).squeeze(1), sampled)
-    return torch.where(temperature == 0, greedy, sampled)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        kept = sorted_probs.masked_fill(before >= top_p[:, None], 0.0).cumsum(dim=-1)
+        position = torch.searchsorted(kept, (uniform * kept[:, -1])[:, None], right=True).clamp(max=last)
+        drawn = torch.where(top_p < 1, sorted_ids.gather(1, position).squeeze(1), drawn)
+    return torch.where(temperature == 0, logits.argmax(dim=-1), drawn)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     cuts = [text.find(s) for s in stops if s and s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+SYNC_EVERY = 8  # decode steps between host syncs: bookkeeping, streaming and dropping finished rows
 
 
 @torch.inference_mode()
@@ -110,7 +114,11 @@ def generate(
     batch_size: int = 64,
     on_tokens: TokenCallback | None = None,
 ) -> list[Completion]:
-    """Sample a completion for every prompt, `batch_size` prompts at a time (`on_tokens`: see TokenCallback)."""
+    """Sample a completion for every prompt (`on_tokens`: see TokenCallback).
+
+    Prompts are decoded `batch_size` at a time in order of length, so a batch pads little; completions
+    come back in the prompts' order.
+    """
     prompts = list(prompts)
     if not prompts:
         raise MoalignError("no prompts to generate for")
@@ -122,117 +130,185 @@ def generate(
     for p in params:
         p.validate()
     prepare_tokenizer(tokenizer)
-    results: list[Completion] = []
-    for start in range(0, len(prompts), batch_size):
-        stream = None if on_tokens is None else (lambda row, ids, done, _at=start: on_tokens(_at + row, ids, done))
-        results += _generate_batch(
-            model, tokenizer, prompts[start : start + batch_size], params[start : start + batch_size], stream
-        )
-    return results
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if empty := [i for i, row in enumerate(ids) if not row]:
+        raise MoalignError(f"prompt {empty[0]} tokenizes to nothing; give non-empty prompts")
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    results: list[Completion | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        stream = None if on_tokens is None else (lambda j, new, done, _rows=rows: on_tokens(_rows[j], new, done))
+        decoder = _Decoder(model, tokenizer, [ids[i] for i in rows], [params[i] for i in rows], stream)
+        for row, completion in zip(rows, decoder.run()):
+            results[row] = completion
+    return results  # type: ignore[return-value]
 
 
-def _generate_batch(
-    model, tokenizer, prompts: list[str], params: list[SamplingParams], on_tokens: TokenCallback | None
-) -> list[Completion]:
-    device = next(model.parameters()).device
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    input_ids, attention = encoded["input_ids"], encoded["attention_mask"]
-    if input_ids.size(1) == 0:
-        raise MoalignError("prompts tokenize to nothing; give non-empty prompts")
-    rows = len(prompts)
-    max_new = max(p.max_new_tokens for p in params)
-    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
-    generators = [torch.Generator().manual_seed(int(p.seed)) for p in params]
-    want_top = max(p.top_logprobs for p in params)
-    eos = tokenizer.eos_token_id
+class _Decoder:
+    """One batch's decode loop with no per-row, per-step host work.
 
-    accepted = inspect.signature(model.forward).parameters
-    # transformers 5 renames `past_key_values` to `cache` model by model; use whichever this one takes.
-    cache_name = "cache" if "cache" in accepted else "past_key_values"
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    # Only the last position's logits are needed: projecting every prompt token onto the vocabulary is waste.
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **last_only)
-    past, logits = getattr(out, cache_name), out.logits[:, -1]
-    next_position = positions[:, -1] + 1
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    logps: list[list[float]] = [[] for _ in range(rows)]
-    tops: list[list[dict[str, float]]] = [[] for _ in range(rows)]
-    stopped = [False] * rows
-    active = list(range(rows))  # rows still generating; their settings and generators shrink with the batch
-    for step in range(max_new):
-        choice = _sample(logits, temperature, top_p, generators)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        chosen_logp = log_probs.gather(1, choice[:, None]).squeeze(1)
-        if want_top:
-            top_values, top_ids = log_probs.topk(want_top, dim=-1)
-        # One transfer to Python lists per step: indexing tensors element by element costs more than the
-        # tiny demo model's forward pass.
-        chosen, chosen_lp = choice.tolist(), chosen_logp.tolist()
-        finished = set()
-        for j, row in enumerate(active):
-            if chosen[j] == eos:
-                stopped[row] = True
-                finished.add(j)
-                if on_tokens is not None:
-                    on_tokens(row, [], True)
-                continue
-            tokens[row].append(chosen[j])
-            logps[row].append(chosen_lp[j])
-            if params[row].top_logprobs:
-                k = params[row].top_logprobs
-                tops[row].append(
-                    {tokenizer.decode([i]): v for i, v in zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist())}
-                )
-            if len(tokens[row]) >= params[row].max_new_tokens:
-                finished.add(j)
-            # Stop strings are checked every few tokens: decoding each step costs time.
-            elif (
-                step % 4 == 3 and params[row].stop and _cut_at_stop(tokenizer.decode(tokens[row]), params[row].stop)[1]
-            ):
-                stopped[row] = True
-                finished.add(j)
-            if on_tokens is not None:
-                on_tokens(row, [chosen[j]], j in finished)
-        if len(finished) == len(active):
-            break
-        if finished:  # finished rows leave the batch with their KV cache rows: they stop costing compute
-            keep = [j for j in range(len(active)) if j not in finished]
-            kept = torch.tensor(keep, device=device)
-            past.batch_select_indices(kept)
-            choice, attention, next_position = choice[kept], attention[kept], next_position[kept]
-            temperature, top_p = temperature[kept], top_p[kept]
-            active, generators = [active[j] for j in keep], [generators[j] for j in keep]
-        attention = torch.cat([attention, torch.ones(len(attention), 1, dtype=attention.dtype, device=device)], dim=1)
-        out = model(
-            input_ids=choice[:, None],
-            attention_mask=attention,
-            position_ids=next_position[:, None],
-            use_cache=True,
-            **{cache_name: past},
-        )
-        past, logits = getattr(out, cache_name), out.logits[:, -1]
-        next_position = next_position + 1
+    Each step stays on the device: sampling from uniform draws made up front from the rows' seeds, the
+    sampled tokens and their log-probabilities written into buffers. Every SYNC_EVERY steps the host reads
+    the new tokens once, finds each row's end (EOS, its length, a stop string), streams them, and drops
+    the finished rows (and their KV cache) in one go.
+    """
 
-    completions = []
-    for row in range(rows):
-        text = tokenizer.decode(tokens[row], skip_special_tokens=True)
-        text, hit = _cut_at_stop(text, params[row].stop)
-        if hit:  # keep token-level fields consistent with the cut text
-            kept = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-            tokens[row], logps[row], tops[row] = tokens[row][:kept], logps[row][:kept], tops[row][:kept]
-        completions.append(
-            Completion(
-                text=text,
-                token_ids=tokens[row],
-                logprobs=logps[row],
-                finish_reason="stop" if (stopped[row] or hit) else "length",
-                top_logprobs=tops[row],
-                prompt_tokens=int(encoded["attention_mask"][row].sum()),
+    def __init__(self, model, tokenizer, ids: list[list[int]], params: list[SamplingParams], on_tokens):
+        self.model, self.tokenizer, self.params, self.on_tokens = model, tokenizer, params, on_tokens
+        device = next(model.parameters()).device
+        accepted = inspect.signature(model.forward).parameters
+        # transformers 5 renames `past_key_values` to `cache` model by model; use whichever this one takes.
+        self.cache_name = "cache" if "cache" in accepted else "past_key_values"
+        # Only the last position's logits are needed: projecting every prompt token onto the vocabulary is waste.
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+        rows = len(ids)
+        self.prompt_tokens = [len(row) for row in ids]
+        self.width, self.max_new = max(self.prompt_tokens), max(p.max_new_tokens for p in params)
+        self.eos = tokenizer.eos_token_id
+        self.want_top = max(p.top_logprobs for p in params)
+        self.sampling = any(p.temperature > 0 for p in params)
+        self.nucleus = any(p.temperature > 0 and p.top_p < 1 for p in params)
+        self.active = list(range(rows))  # batch rows still decoding; every per-row tensor shrinks with it
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.logps: list[list[float]] = [[] for _ in range(rows)]
+        self.tops: list[list[dict[str, float]]] = [[] for _ in range(rows)]
+        self.stopped = [False] * rows
+
+        input_ids = torch.full((rows, self.width), tokenizer.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(ids):  # left padding: every prompt ends at the last position
+            input_ids[i, self.width - len(row) :] = torch.tensor(row)
+        # The attention mask of the whole decode, made once: step t attends to its first width + t columns.
+        starts = self.width - torch.tensor(self.prompt_tokens)
+        mask = (torch.arange(self.width + self.max_new)[None, :] >= starts[:, None]).long()
+        uniform = torch.zeros(rows, self.max_new)
+        for i, p in enumerate(params):  # exactly max_new_tokens draws per row: its own settings, nothing else
+            uniform[i, : p.max_new_tokens] = torch.rand(
+                p.max_new_tokens, generator=torch.Generator().manual_seed(p.seed)
             )
+        self.input_ids, self.mask, self.uniform = input_ids.to(device), mask.to(device), uniform.to(device)
+        self.temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        self.sampled = torch.zeros(rows, self.max_new, dtype=torch.long, device=device)
+        self.sampled_logp = torch.zeros(rows, self.max_new, dtype=torch.float32, device=device)
+        if self.want_top:
+            self.top_values = torch.zeros(rows, self.max_new, self.want_top, device=device)
+            self.top_ids = torch.zeros(rows, self.max_new, self.want_top, dtype=torch.long, device=device)
+
+    def run(self) -> list[Completion]:
+        positions = (self.mask[:, : self.width].cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=self.input_ids,
+            attention_mask=self.mask[:, : self.width],
+            position_ids=positions,
+            use_cache=True,
+            **self.last_only,
         )
-    return completions
+        cache, logits = getattr(out, self.cache_name), out.logits[:, -1]
+        self.next_position = positions[:, -1] + 1
+        synced, next_limit = 0, min(p.max_new_tokens for p in self.params)
+        # On a CPU reading a flag costs nothing (there is no queue of device work to drain): look for EOS every
+        # step there, so a finished row stops costing compute at once. On a GPU only every SYNC_EVERY steps.
+        eager = self.mask.device.type == "cpu"
+        for step in range(self.max_new):
+            self.record(step, logits)
+            if (
+                step + 1 == next_limit
+                or (step + 1) % SYNC_EVERY == 0
+                or (eager and bool((self.sampled[:, step] == self.eos).any()))
+            ):
+                finished = self.sync(synced, step + 1)
+                synced = step + 1
+                if len(finished) == len(self.active):
+                    break
+                if finished:
+                    cache = self.drop(finished, cache)
+                # every active row has sampled step + 1 tokens: the next to reach its length does so here
+                next_limit = min(self.params[row].max_new_tokens for row in self.active)
+            choice = self.sampled[:, step]
+            out = self.model(
+                input_ids=choice[:, None],
+                attention_mask=self.mask[:, : self.width + step + 1],
+                position_ids=(self.next_position + step)[:, None],
+                use_cache=True,
+                **{self.cache_name: cache},
+            )
+            cache, logits = getattr(out, self.cache_name), out.logits[:, -1]
+        return self.completions()
+
+    def record(self, step: int, logits: torch.Tensor) -> None:
+        """Sample step `step`'s tokens and keep them and their log-probabilities on the device."""
+        logits = logits.float()
+        if self.sampling:
+            choice = sample_tokens(logits, self.temperature, self.top_p, self.uniform[:, step], self.nucleus)
+        else:
+            choice = logits.argmax(dim=-1)
+        self.sampled[:, step] = choice
+        self.sampled_logp[:, step] = logits.gather(1, choice[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+        if self.want_top:
+            values, ids = torch.log_softmax(logits, dim=-1).topk(self.want_top, dim=-1)
+            self.top_values[:, step], self.top_ids[:, step] = values, ids
+
+    def sync(self, start: int, stop: int) -> set[int]:
+        """Read steps [start, stop) on the host: extend every active row, stream, return the finished rows
+        (positions in `active`)."""
+        chunk = self.sampled[:, start:stop].tolist()
+        chunk_logp = self.sampled_logp[:, start:stop].tolist()
+        if self.want_top:
+            top_values, top_ids = self.top_values[:, start:stop].tolist(), self.top_ids[:, start:stop].tolist()
+        finished = set()
+        for j, row in enumerate(self.active):
+            params, new = self.params[row], chunk[j]
+            end = min(len(new), params.max_new_tokens - len(self.tokens[row]))
+            if self.eos in new[:end]:
+                end = new.index(self.eos)
+                self.stopped[row] = True
+            self.tokens[row] += new[:end]
+            self.logps[row] += chunk_logp[j][:end]
+            if params.top_logprobs:
+                k, decode = params.top_logprobs, self.tokenizer.decode
+                self.tops[row] += [
+                    {decode([i]): v for i, v in zip(top_ids[j][t][:k], top_values[j][t][:k])} for t in range(end)
+                ]
+            if params.stop and not self.stopped[row]:
+                self.stopped[row] = _cut_at_stop(self.tokenizer.decode(self.tokens[row]), params.stop)[1]
+            done = self.stopped[row] or len(self.tokens[row]) >= params.max_new_tokens
+            if done:
+                finished.add(j)
+            if self.on_tokens is not None and (new[:end] or done):
+                self.on_tokens(row, new[:end], done)
+        return finished
+
+    def drop(self, finished: set[int], cache):
+        """Finished rows leave the batch with their KV cache rows: they stop costing compute."""
+        keep = [j for j in range(len(self.active)) if j not in finished]
+        index = torch.tensor(keep, device=self.mask.device)
+        cache.batch_select_indices(index)
+        for name in ("mask", "uniform", "temperature", "top_p", "sampled", "sampled_logp", "next_position"):
+            setattr(self, name, getattr(self, name)[index])
+        if self.want_top:
+            self.top_values, self.top_ids = self.top_values[index], self.top_ids[index]
+        self.active = [self.active[j] for j in keep]
+        return cache
+
+    def completions(self) -> list[Completion]:
+        completions = []
+        for row, params in enumerate(self.params):
+            tokens, logps, tops = self.tokens[row], self.logps[row], self.tops[row]
+            text, hit = _cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
+            if hit:  # keep token-level fields consistent with the cut text
+                kept = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+                tokens, logps, tops = tokens[:kept], logps[:kept], tops[:kept]
+            completions.append(
+                Completion(
+                    text=text,
+                    token_ids=tokens,
+                    logprobs=logps,
+                    finish_reason="stop" if self.stopped[row] or hit else "length",
+                    top_logprobs=tops,
+                    prompt_tokens=self.prompt_tokens[row],
+                )
+            )
+        return completions
 
 
 def vllm_available() -> bool:
