@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pm": ("moalign.methods.preference_model", "MORLAIF: one preference model per principle"),
     "morl": ("moalign.methods.morl", "MORLHF / MORLAIF: RL on a scalarised reward"),
     "soups": ("moalign.methods.soups", "Rewarded Soups: weight averages of per-objective models"),
+    "cost": ("moalign.cost", "estimate a recipe's FLOPs and GPU-hours from its config, before running it"),
     "eval": ("moalign.evaluate", "evaluate runs on the preference grid: fronts, hypervolume, report"),
     "generate": ("moalign.policy", "generate from a run for a preference"),
     "serve": ("moalign.serve", "serve a run over an OpenAI-compatible HTTP API (in-process or routed to --upstream)"),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from moalign.errors import MoalignError
 
-TASKS = {"text": "moalign.demo.pipeline", "images": "moalign.demo.images"}
+TASKS = {"text": "moalign.demo.pipeline", "images": "moalign.demo.images", "exact": "moalign.exact.pipeline"}
 
 
 def cli(argv: list[str]) -> None:
-    """`moalign demo [--task text|images] [options]`: the text task by default."""
+    """`moalign demo [--task text|images|exact] [options]`: the text task by default."""
     import importlib
 
     argv, task = list(argv), "text"

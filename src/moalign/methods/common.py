@@ -350,6 +350,10 @@ def finish_stage(
     is complete, and a rerun skips it) and drop the stage's checkpoints. Returns `stats` (the main process's:
     it alone writes, while the other ranks wait)."""
 
+    from moalign.cost import record_stage_flops
+
+    record_stage_flops(model, stats)  # counted before a LoRA merge: the adapters are what trained
+
     def save() -> dict[str, Any]:
         final = model.merge_and_unload() if merge else model
         final_dir.parent.mkdir(parents=True, exist_ok=True)

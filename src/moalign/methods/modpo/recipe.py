@@ -143,14 +143,15 @@ def plan_modpo(config: MODPOConfig) -> MODPOPlan:
     return MODPOPlan([o.name for o in objectives], k, specs, preferences.tolist(), built)
 
 
-def _token_count(trainer) -> int:
-    """Tokens the stage trained on: epochs done × the dataset's tokens (prompt counted in both sequences)."""
+def _token_count(trainer, epochs: float | None = None) -> int:
+    """Tokens the stage trained on: epochs done (or `epochs`) × the dataset's tokens (prompt counted in both
+    sequences)."""
     dataset = trainer.train_dataset
     per_pass = sum(
         2 * len(p) + len(c) + len(r)
         for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
     )
-    return int((trainer.state.epoch or 0.0) * per_pass)
+    return int(((trainer.state.epoch or 0.0) if epochs is None else epochs) * per_pass)
 
 
 def train_preference_stage(
@@ -182,6 +183,8 @@ def train_preference_stage(
     stats = {
         "seconds": seconds,
         "tokens": _token_count(trainer),
+        # the reference's forward: one pass over the pairs when precomputed, else beside every trained token
+        "forward_tokens": _token_count(trainer, 1.0 if config.precompute_ref_log_probs else None),
         "steps": trainer.state.global_step,
         "pairs": len(dataset),
     }

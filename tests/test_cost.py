@@ -1,0 +1,145 @@
+"""FLOPs accounting: model sizes from configs alone, and `moalign cost` against the FLOPs a real run records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moalign.cli import main
+from moalign.cost import LoraShape, estimate, model_size, size_from_config
+from moalign.run import read_manifest
+from moalign.testing import CORPUS, build_causal_lm
+
+
+def test_model_size_counts_linear_layers_and_lora_like_peft(tmp_path: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    d, vocab = 32, model.config.vocab_size
+    # per block: attention c_attn (d×3d) and c_proj (d×d), MLP c_fc (d×4d) and c_proj (4d×d); plus the LM head
+    expected = 2 * (3 * d * d + d * d + 4 * d * d + 4 * d * d) + vocab * d
+    assert model_size(model).matmul == model_size(model).trained == expected
+    assert size_from_config(str(path)).matmul == expected  # from config.json alone, on the meta device
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    measured = model_size(peft_model)
+    peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert measured.trained == peft_trainable == 2 * 4 * (4 * d + 2 * d + 5 * d + 5 * d)
+    assert size_from_config(str(path), LoraShape(4, "all-linear")) == measured
+    # LoRA counted honestly: the frozen base still costs 4·N per trained token
+    assert measured.train_per_token() == 4 * measured.matmul + 2 * measured.trained
+    assert measured.train_per_token() > 0.6 * model_size(model).train_per_token()
+
+
+def test_papers_models_from_shipped_configs():
+    llama = size_from_config("meta-llama/Llama-2-7b-hf")
+    # 32 layers × (4·4096² attention + 3·4096·11008 MLP) + the 32000×4096 LM head (the embedding is a lookup)
+    assert llama.matmul == 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 32000 * 4096 == 6_607_077_376
+    lora = size_from_config("meta-llama/Llama-2-7b-hf", LoraShape(64, ("q_proj", "k_proj", "v_proj", "o_proj")))
+    assert lora.trained == 32 * 4 * 64 * (4096 + 4096)
+    rm = size_from_config("Ray2333/gpt2-large-harmless-reward_model")
+    assert rm.matmul == 36 * 12 * 1280**2 + 1280  # GPT-2 large blocks and a one-label score head
+
+
+def write_data(path: Path, pairs: bool) -> Path:
+    rows = []
+    for i, text in enumerate(CORPUS[:10]):
+        words = text.split()
+        prompt, response = " ".join(words[:3]), " ".join(words[3:])
+        if pairs:
+            rows.append({"prompt": prompt, "chosen": response, "rejected": " ".join(reversed(words[3:])) + " no"})
+        else:
+            rows.append({"prompt": prompt, "response": response + (" yes" * (i % 3))})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe(tmp_path: Path, name: str, **values) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    common = {
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 100,
+        "dataloader_num_workers": 0,
+        "max_length": 64,
+        "output_dir": str(tmp_path / name),
+    }
+    path.write_text(yaml.safe_dump({**common, **values}))
+    return path
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_cost_estimate_agrees_with_a_real_sft_run(tmp_path: Path, lora: bool):
+    model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    extra = {"use_peft": True, "lora_r": 4} if lora else {}
+    config = recipe(
+        tmp_path,
+        "sft",
+        model_name_or_path=str(model),
+        dataset=str(write_data(tmp_path / "d.jsonl", False)),
+        max_steps=5,
+        **extra,
+    )
+    assert main(["sft", "--config", str(config)]) == 0
+    training = read_manifest(tmp_path / "sft")["training"]
+    measured = training["stages"]["sft"]["flops"]
+    assert training["flops"] == measured > 0
+    predicted, shape, _ = estimate(str(config))
+    assert shape.source == "measured" and predicted.method == "sft"
+    assert predicted.flops == pytest.approx(measured, rel=0.10)
+
+
+def test_cost_estimate_agrees_with_a_real_modpo_run(tmp_path: Path):
+    model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    config = recipe(
+        tmp_path,
+        "modpo",
+        model_name_or_path=str(model),
+        dataset=str(write_data(tmp_path / "pairs.jsonl", True)),
+        objectives=["length", "brevity"],
+        preferences=["0.5,0.5", "0.8,0.2"],
+        beta=0.1,
+        loss_type=["sigmoid"],
+        max_steps=3,
+    )
+    assert main(["modpo", "--config", str(config)]) == 0
+    training = read_manifest(tmp_path / "modpo")["training"]
+    stages = [s for s in training["stages"].values() if "flops" in s]
+    assert len(stages) == 2 and all(s["forward_tokens"] == s["tokens"] for s in stages)  # a reference pass each
+    predicted, _, _ = estimate(str(config))
+    assert [s.name for s in predicted.stages][-2:] == ["preference 1", "preference 2"]
+    trained = sum(s.flops for s in predicted.stages if s.name.startswith("preference"))
+    assert trained == pytest.approx(training["flops"], rel=0.10)
+
+
+def test_cost_command_on_a_papers_recipe(tmp_path: Path, capsys):
+    out = tmp_path / "ric.json"
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["cost", str(configs / "ric_hh_rlhf.yaml"), "--gpu", "H100", "--json_output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "meta-llama/Llama-2-7b-hf" in printed and "assumed" in printed and "H100" in printed
+    result = json.loads(out.read_text())
+    stages = {s["name"]: s["flops"] for s in result["stages"]}
+    assert {"offline", "generate_1", "online_2"} <= set(stages)
+    assert result["gpu_hours"] == pytest.approx(result["flops"] / (0.4 * 989e12) / 3600)
+
+
+def test_cost_command_errors_are_one_line(tmp_path: Path, capsys):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["cost", str(configs / "ric_hh_rlhf.yaml"), "--gpu", "TPU9"]) == 2
+    assert capsys.readouterr().err.strip() == "moalign cost: error: gpu 'TPU9' is not known; use one of " + ", ".join(
+        __import__("moalign.cost", fromlist=["PEAK_TFLOPS"]).PEAK_TFLOPS
+    )
+    unknown = recipe(tmp_path, "x", model_name_or_path="meta-llama/Llama-2-7b-hf", dataset="someone/unknown-set")
+    assert main(["cost", str(unknown)]) == 2
+    assert "pass --rows, --prompt_tokens and --response_tokens" in capsys.readouterr().err
+    missing = recipe(tmp_path, "y", model_name_or_path="nobody/no-such-model", dataset="Anthropic/hh-rlhf")
+    assert main(["cost", str(missing)]) == 2
+    assert "no config for model 'nobody/no-such-model'" in capsys.readouterr().err
