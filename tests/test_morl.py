@@ -179,6 +179,41 @@ def test_ppo_resumes_from_its_checkpoint(tmp_path, tiny_lm):
     assert (final / "moalign_stage.json").exists() and not stage.exists()
 
 
+def test_rloo_resumes_from_the_trl_checkpoint(tmp_path, tiny_lm, monkeypatch):
+    """Killed after TRL saved checkpoint-1, the rerun trains only the steps left, from that checkpoint."""
+    from trl import RLOOTrainer
+
+    from moalign.cli import main
+
+    argv = ["morl", *morl_argv(tmp_path, tiny_lm, "--preferences", "0.5,0.5", "--max_steps", "3")]
+    argv += ["--save_strategy", "steps", "--save_steps", "1"]
+    original, calls = RLOOTrainer.training_step, {"n": 0}
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed during step 2: checkpoint-1 is on disk
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RLOOTrainer, "training_step", dying_step)
+    assert main(argv) == 130
+    stage_dir, run_dir = tmp_path / "run" / "checkpoints" / "w0.5-0.5", tmp_path / "run"
+    assert json.loads((stage_dir / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
+    assert not (run_dir / "models" / "w0.5-0.5").exists()
+
+    calls["n"] = -1000  # the rerun goes through, counting its steps
+    assert main(argv) == 0
+    assert calls["n"] == -1000 + 2  # resumed at step 1: two steps left of three
+    manifest = json.loads((run_dir / "moalign.json").read_text())
+    assert manifest["training"]["stages"]["w0.5-0.5"]["steps"] == 3
+    assert not stage_dir.exists()
+    # Optimiser, scheduler and sampling state came back with the checkpoint: an uninterrupted run ends with the
+    # very same weights.
+    monkeypatch.setattr(RLOOTrainer, "training_step", original)
+    assert main([*argv, "--output_dir", str(tmp_path / "whole")]) == 0
+    assert not parameters_differ(run_dir / "models" / "w0.5-0.5", tmp_path / "whole" / "models" / "w0.5-0.5")
+
+
 def test_gae_matches_the_recursion_by_hand():
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])  # three response tokens, one padding
     values = torch.tensor([[0.5, 0.2, 0.1, 0.0]])
