@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from moalign import distributed
 from moalign.data import is_degenerate
 from moalign.errors import MoalignError
 from moalign.generation import SamplingParams
@@ -29,6 +31,7 @@ from moalign.run import read_json, read_manifest, write_json
 from moalign.scores import ScoreCache, score
 
 N_SAMPLES = 3  # responses per preference kept for the report
+EVAL_CHUNKS = "eval_chunks"  # a run's generation chunks while `moalign eval` runs (removed once front.json is written)
 REFERENCE_MARGIN = 0.1  # default reference point: the worst score minus this share of the span
 
 
@@ -70,11 +73,16 @@ def evaluate_policy(
     sampling: SamplingParams | None = None,
     cache: ScoreCache | None = None,
     progress: bool = False,
+    chunks: Path | None = None,
+    chunks_key: Any = None,
+    chunk_size: int = 256,
 ) -> dict[str, Any]:
     """One point (mean score per objective) per preference, plus samples, collapse and steerability.
 
     `policy.generate` gives every prompt the same seed under every preference, so points differ only
-    because the preference does.
+    because the preference does. With `chunks` (a folder), a text policy's responses are generated in
+    chunks saved there and shared out between ranks: a rerun after a kill resumes from the last chunk
+    (`chunks_key` names the model, so a retrained run starts over); `chunk_size` prompts per chunk.
     """
     prompts = list(prompts)
     if not prompts:
@@ -100,7 +108,7 @@ def evaluate_policy(
         key = variant(w)
         if key not in done:  # preferences the policy serves alike share one generation
             start = time.perf_counter()
-            responses = list(policy.generate(prompts, w, sampling))
+            responses = _responses(policy, prompts, w, sampling, chunks, chunks_key, chunk_size)
             seconds += time.perf_counter() - start
             if len(responses) != len(prompts):
                 raise MoalignError(f"the policy returned {len(responses)} responses for {len(prompts)} prompts")
@@ -140,6 +148,28 @@ def evaluate_policy(
         "generated_per_second": tokens / seconds if seconds > 0 else math.nan,
         "sampling": dict(vars(sampling)),
     }
+
+
+def _responses(
+    policy: Any, prompts: list[str], w: np.ndarray, sampling: Any, chunks: Path | None, key: Any, chunk_size: int
+) -> list[Any]:
+    """The policy's responses to `prompts` under preference `w`, through `generate_stage` when `chunks` is
+    given and the policy generates text (an image policy renders in one go)."""
+    from moalign.methods.common import generate_stage
+    from moalign.pareto import preference_name
+    from moalign.policy import Policy
+
+    if chunks is None or type(policy).generate is not Policy.generate:
+        return list(policy.generate(prompts, w, sampling))
+    weights = policy.check_weights(w)
+    rows = [SamplingParams(**{**vars(sampling), "seed": sampling.seed + i}) for i in range(len(prompts))]  # as generate
+
+    def complete(some: list[str], params: list[SamplingParams]) -> list[Any]:
+        return policy.complete(some, [weights] * len(some), params)
+
+    folder = chunks / preference_name(w)
+    completions, _ = generate_stage(folder, prompts, rows, complete, chunk_size, key=[key, weights.tolist()])
+    return [c.text for c in completions]
 
 
 def default_reference_point(fronts: Sequence[np.ndarray | Sequence[Sequence[float]]]) -> list[float]:
@@ -267,13 +297,15 @@ def evaluate_runs(
     sampling: SamplingParams | dict | None = None,
     output_dir: str | Path | None = None,
     progress: bool = True,
+    chunk_size: int = 256,
 ) -> list[dict[str, Any]]:
     """Evaluate every run on the same grid and prompts; write front.json/png and report.html per run.
 
     `sampling` is either the exact decoding settings or a dict of overrides on each run's own. With
     several runs a combined plot and report go to `output_dir` (default: the first run's parent).
+    Responses are generated in chunks of `chunk_size` prompts saved in each run (`eval_chunks/`, removed
+    when its front is written), so an interrupted evaluation resumes; under a launcher, ranks share them.
     """
-    from moalign import report
     from moalign.policy import load_policy
 
     runs = [Path(run) for run in run_dirs]
@@ -299,9 +331,19 @@ def evaluate_runs(
 
     fronts = []
     for run, manifest in manifests:
-        policy = load_policy(run)
+        # several ranks: each on its own device (one GPU per rank), else where the policy chooses
+        policy = load_policy(run, **({"device": distributed.device()} if distributed.world_size() > 1 else {}))
         result = evaluate_policy(
-            policy, prompt_list, objectives, grid, _sampling_for(policy, sampling), cache, progress=progress
+            policy,
+            prompt_list,
+            objectives,
+            grid,
+            _sampling_for(policy, sampling),
+            cache,
+            progress=progress and distributed.is_main(),
+            chunks=run / EVAL_CHUNKS,
+            chunks_key=manifest,
+            chunk_size=chunk_size,
         )
         if hasattr(policy, "sample_grid"):  # image runs: a grid of images per preference for the report
             result["grid"] = str(policy.sample_grid(result, run / "grid.png"))
@@ -312,6 +354,19 @@ def evaluate_runs(
                 result[key] = manifest[key]
         fronts.append(result)
 
+    return distributed.run_on_main(_write_fronts, fronts, runs, reference_point, output_dir)
+
+
+def _write_fronts(
+    fronts: list[dict[str, Any]],
+    runs: list[Path],
+    reference_point: Sequence[float] | None,
+    output_dir: str | Path | None,
+) -> list[dict[str, Any]]:
+    """Add the front metrics; write front.json, front.png and report.html per run (and combined ones for
+    several runs). The main process writes; every rank gets the fronts."""
+    from moalign import report
+
     reference = reference_point or default_reference_point([f["points"] for f in fronts])
     for front in fronts:
         front.update(front_metrics(front["points"], reference))
@@ -319,6 +374,7 @@ def evaluate_runs(
         write_json(run / "front.json", _finite(front))
         report.plot_fronts([front], run / "front.png")
         report.write_html([front], run / "report.html", plot=run / "front.png")
+        shutil.rmtree(run / EVAL_CHUNKS, ignore_errors=True)
     if len(fronts) > 1:
         out = Path(output_dir) if output_dir else runs[0].resolve().parent
         out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,12 @@ would make π and π_old differ on identical inputs and bias the ratio ρ.
 A rollout holds `per_device_train_batch_size × gradient_accumulation_steps` prompts; each PPO epoch over it
 takes `num_mini_batches` optimiser steps (micro-batches of `per_device_train_batch_size` accumulate). Every
 `save_steps` rollouts the policy, value head and optimiser are saved; rerunning resumes from the newest.
-The learning rate is constant (no scheduler) and the loop runs in one process on one device.
+The learning rate is constant (no scheduler).
+
+On several processes (`torchrun`, `accelerate launch`) it is data-parallel: each rank samples its own
+`per_device_train_batch_size × gradient_accumulation_steps` prompts of the global rollout, advantages are
+whitened over the global rollout, and the policy's and value head's gradients are all-reduced (DDP, wrapped
+by accelerate), so every replica takes the same optimiser step; the main process saves.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -37,9 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from moalign import distributed
 from moalign.errors import MoalignError
-from moalign.generation import SamplingParams, generate, pick_device, prepare_tokenizer
-from moalign.methods.common import finish_stage, finished_stage, lora_config
+from moalign.generation import SamplingParams, generate, prepare_tokenizer
+from moalign.methods.common import finish_stage, finished_stage, last_checkpoint, lora_config
 from moalign.run import atomic_path
 
 log = logging.getLogger("moalign")
@@ -95,10 +100,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance over the real tokens: advantages then have one scale whatever the reward."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+) -> torch.Tensor:
+    """Zero mean, unit variance over the real tokens: advantages then have one scale whatever the reward.
+
+    `total` sums a tensor over the ranks, so that several processes whiten over the global rollout."""
+    sums = total(torch.stack([(values * mask).sum(), mask.sum()]))
+    mean = sums[0] / sums[1].clamp(min=1.0)
+    var = total(((values - mean) ** 2 * mask).sum()) / sums[1].clamp(min=1.0)
     return (values - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
@@ -188,6 +198,16 @@ class PPO:
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay, eps=config.adam_epsilon
         )
+        # Under a launcher: DDP replicas whose gradients are all-reduced (one process: the modules themselves).
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=not device.startswith("cuda"), device_placement=False)
+        self.trained_policy = self.accelerator.prepare_model(self.policy)
+        self.trained_head = self.accelerator.prepare_model(self.head)
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over the ranks."""
+        return self.accelerator.reduce(value, reduction="sum")
 
     def reference_logprobs(self, input_ids, attention_mask, width) -> torch.Tensor:
         temperature = self.config.temperature
@@ -239,7 +259,7 @@ class PPO:
             mask=mask,
             logprobs=logprobs,
             values=values,
-            advantages=masked_whiten(advantages, mask),
+            advantages=masked_whiten(advantages, mask, self.total),
             returns=returns,
             scores=scores,
             kl=per_token_kl.sum(1),
@@ -272,8 +292,8 @@ class PPO:
         """The clipped surrogate and clipped value losses on some rows of a rollout."""
         config = self.config
         logprobs, values = logprobs_and_values(
-            self.policy,
-            self.head,
+            self.trained_policy,
+            self.trained_head,
             batch.input_ids[rows],
             batch.attention_mask[rows],
             batch.prompt_width,
@@ -318,12 +338,6 @@ class PPO:
         return int(state["step"]), list(state["history"])
 
 
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step (a half-written one has no state file yet)."""
-    found = [p for p in stage_dir.glob("checkpoint-*") if (p / STATE_FILE).exists()] if stage_dir.is_dir() else []
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
-
-
 def prompt_batch(prompts: list[str], step: int, size: int, seed: int) -> list[str]:
     """The prompts of rollout `step`: a fresh seeded shuffle each epoch, so a resumed run sees the same ones."""
     n = len(prompts)
@@ -351,8 +365,6 @@ def every(value: float, steps: int) -> int:
 
 def check_config(config) -> None:
     """PPO settings a user can get wrong, reported before any model loads."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise MoalignError("moalign's PPO runs in one process on one device: launch it without several processes")
     if config.temperature <= 0:
         raise MoalignError("ppo samples from the policy: temperature must be > 0")
     if config.ppo_epochs < 1:
@@ -394,9 +406,10 @@ def train_ppo(
         raise MoalignError("no training prompts")
     tokenizer = load_tokenizer(model_path)
     prepare_tokenizer(tokenizer)
-    resume = latest_checkpoint(stage_dir)
+    found = last_checkpoint(stage_dir, complete=STATE_FILE)  # a half-written one has no state file yet
+    resume = Path(found) if found else None
     torch.manual_seed(config.seed)
-    ppo = PPO(config, model_path, tokenizer, pick_device("auto"), resume)
+    ppo = PPO(config, model_path, tokenizer, distributed.device(), resume)
     start_step, history = ppo.load_state(resume) if resume else (0, [])
     if resume:
         log.info(f"stage {final_dir.name}: resuming PPO from {resume.name}")
@@ -405,17 +418,21 @@ def train_ppo(
     strategy = getattr(config.save_strategy, "value", config.save_strategy)
     save_every = every(config.save_steps, steps) if strategy != "no" else 0
     log_every = every(config.logging_steps, steps)
+    world, rank = distributed.world_size(), distributed.rank()
     for step in range(start_step, steps):
         started = time.perf_counter()
-        seed = config.seed + step * rollout_size
-        batch = ppo.rollout(prompt_batch(prompts, step, rollout_size, config.seed), reward_fn, seed)
+        # The global rollout of this step, of which this rank samples (and seeds) its own share.
+        seed = config.seed + (step * world + rank) * rollout_size
+        shared = prompt_batch(prompts, step, rollout_size * world, config.seed)
+        batch = ppo.rollout(shared[rank * rollout_size : (rank + 1) * rollout_size], reward_fn, seed)
         losses = ppo.update(batch, seed)
+        rows = ppo.total(torch.tensor(float(len(batch.scores)), device=batch.scores.device))
         record = {
             "step": step + 1,
-            "score": batch.scores.mean().item(),
-            "kl": batch.kl.mean().item(),
-            "response_length": batch.mask.sum(1).mean().item(),
-            "tokens": int(batch.attention_mask.sum()),
+            "score": (ppo.total(batch.scores.sum()) / rows).item(),
+            "kl": (ppo.total(batch.kl.sum()) / rows).item(),
+            "response_length": (ppo.total(batch.mask.sum()) / rows).item(),
+            "tokens": int(ppo.total(batch.attention_mask.sum())),
             **losses,
             "seconds": time.perf_counter() - started,
         }
@@ -426,7 +443,7 @@ def train_ppo(
                 f"policy loss {record['policy_loss']:.4f} value loss {record['value_loss']:.4f}"
             )
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            ppo.save_checkpoint(stage_dir, step + 1, history)
+            distributed.run_on_main(ppo.save_checkpoint, stage_dir, step + 1, history)
     stats = {
         "seconds": sum(r["seconds"] for r in history),  # every session's steps, resumed or not
         "tokens": sum(r["tokens"] for r in history),

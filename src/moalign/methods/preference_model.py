@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +23,17 @@ import numpy as np
 import pandas as pd
 from trl import RewardConfig
 
-from moalign import data
+from moalign import data, distributed
 from moalign.errors import MoalignError
 from moalign.methods.common import (
     CommonArguments,
     finish_stage,
     finished_stage,
-    last_checkpoint,
     load_tokenizer,
     lora_config,
     parse_config,
     stage_args,
+    train_resumable,
     write_run_manifest,
 )
 from moalign.methods.feedback import LABELS, SETTINGS
@@ -165,10 +164,8 @@ def train_principle(config: PMConfig, principle: str, pairs: pd.DataFrame, run_d
         raise MoalignError(f"principle {principle}: every pair is longer than max_length={config.max_length} tokens")
     if kept < len(pairs):
         log.warning(f"principle {principle}: {len(pairs) - kept} pairs longer than max_length are not trained on")
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
     stats = {
-        "seconds": time.perf_counter() - start,
+        "seconds": train_resumable(trainer, stage_dir),
         "steps": trainer.state.global_step,
         "train_pairs": kept,
         "train_loss": next((e["train_loss"] for e in trainer.state.log_history if "train_loss" in e), None),
@@ -333,7 +330,7 @@ def train(config: PMConfig) -> Path:
         training={"seconds": time.perf_counter() - start},
         **fields,
     )
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    distributed.remove(run_dir / "checkpoints")
     return run_dir
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moalign import distributed
 from moalign.errors import MoalignError, first_line
 from moalign.generation import Completion, generate, load_model, prepare_tokenizer
 from moalign.methods.common import finished_stage, parse_config, training_totals, write_run_manifest
@@ -158,8 +159,7 @@ def train(config: SoupsConfig) -> Path:
     for name, folder in zip(names, folders):
         path = str(folder)
         if config.copy_ingredients:
-            with atomic_path(run_dir / "ingredients" / name) as tmp:
-                shutil.copytree(folder, tmp)
+            distributed.run_on_main(copy_folder, folder, run_dir / "ingredients" / name)
             path = f"ingredients/{name}"
         entries.append({"objective": name, "path": path})
     if not config.model_name_or_path:
@@ -170,6 +170,11 @@ def train(config: SoupsConfig) -> Path:
         config, "soups", "moalign.methods.soups:SoupPolicy", ingredients=entries, training=training_totals(stages)
     )
     return run_dir
+
+
+def copy_folder(source: Path, destination: Path) -> None:
+    with atomic_path(destination) as tmp:
+        shutil.copytree(source, tmp)
 
 
 def _lora_soupable(folders: list[Path]) -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import numpy as np
 import pandas as pd
 from trl import SFTConfig
 
-from moalign import data
+from moalign import data, distributed
 from moalign.errors import MoalignError
 from moalign.methods.common import (
     CommonArguments,
@@ -255,17 +254,20 @@ def train(config: ParetoHqDConfig) -> Path:
     timings_path = run_dir / "paretohqd_timings.json"
     timings = read_json(timings_path) if timings_path.exists() else {}
 
-    frame, scoring_seconds = score_training_data(config, objectives, run_dir)
+    with distributed.main_first():  # the main process scores and caches; the others read its cache
+        frame, scoring_seconds = score_training_data(config, objectives, run_dir)
     if scoring_seconds or "scoring_seconds" not in timings:
         timings["scoring_seconds"] = scoring_seconds
-        write_json(timings_path, timings)
+        distributed.run_on_main(write_json, timings_path, timings)
     selections, layers, low, high = select_all(frame, names, preferences, config.k, config.n_layers, config.distance)
     plots = config.selection_plots or config.select_only
     folder = run_dir / "selection" / "stage1"
-    summary1 = write_selection(folder, frame, names, preferences, selections, layers, config.n_layers, low, high, plots)
+    summary1 = distributed.run_on_main(
+        write_selection, folder, frame, names, preferences, selections, layers, config.n_layers, low, high, plots
+    )
     if config.select_only:
         return run_dir
-    check_settings(config, preferences, run_dir)
+    distributed.run_on_main(check_settings, config, preferences, run_dir)
 
     # Stage 1: every preference's model from the base model, on its k offline samples.
     base = [config.model_name_or_path] * len(preferences)
@@ -289,7 +291,8 @@ def train(config: ParetoHqDConfig) -> Path:
     k2 = config.stage2_k or max(1, config.k // 2)
     selections2, layers2, low2, high2 = select_all(generated, names, preferences, k2, config.n_layers, config.distance)
     folder = run_dir / "selection" / "stage2"
-    summary2 = write_selection(
+    summary2 = distributed.run_on_main(
+        write_selection,
         folder,
         generated,
         names,
@@ -317,7 +320,7 @@ def train(config: ParetoHqDConfig) -> Path:
         selection_stage2=summary2,
     )
     write_manifest_for(config, run_dir, "models", preferences, training, {**fields, "paretohqd": details})
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    distributed.remove(run_dir / "checkpoints")
     return run_dir
 
 

@@ -4,7 +4,6 @@ re-selected (k/2 per preference) to continue each preference's SFT, which fights
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moalign import data
+from moalign import data, distributed
 from moalign.errors import MoalignError
-from moalign.methods.common import sampling_params, score_cache
+from moalign.methods.common import generate_stage, model_completer, sampling_params, score_cache
 from moalign.run import atomic_write_parquet, read_json, write_json
 from moalign.scores import score
 
@@ -52,47 +51,52 @@ def generate_stage2(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Responses of the representative stage-1 models, scored; cached so a resumed run skips it.
 
-    Each model's part is saved as it finishes (`stage2_parts/`), so an interruption loses one model's work.
+    Each model's answers are generated in chunks saved as they finish (`stage2_parts/<model>/`) and shared
+    out between ranks, so an interruption loses at most one round of chunks; the main process scores.
     """
-    import torch
-
-    from moalign.generation import generate, load_model
-
     cached, info_path = run_dir / "stage2_generated.parquet", run_dir / "stage2_generated.json"
     if cached.exists() and info_path.exists():
         log.info(f"stage 2: reusing the generated data in {cached}")
         return pd.read_parquet(cached), read_json(info_path)
     parts = run_dir / "stage2_parts"
-    parts.mkdir(parents=True, exist_ok=True)
     prompts = stage2_prompts(frame, config.stage2_prompts, config.seed)
-    generation_seconds, generated_tokens = 0.0, 0
-    pieces = []
+    pieces, generation = [], {"seconds": 0.0, "tokens": 0, "wait_seconds": 0.0}
     for m, model_dir in enumerate(stage1_dirs):
-        part, part_info = parts / f"{model_dir.name}.parquet", parts / f"{model_dir.name}.json"
-        if not (part.exists() and part_info.exists()):
-            log.info(f"stage 2: {model_dir.name} answers {len(prompts)} prompts")
-            start = time.perf_counter()
-            model, tokenizer = load_model(str(model_dir))
-            # a turn the model invents is not part of its answer
-            params = [
-                sampling_params(config, seed=config.seed + m * len(prompts) + i, stop=data.TURN_MARKERS)
-                for i in range(len(prompts))
-            ]
-            outputs = generate(model, tokenizer, prompts, params, batch_size=config.generation_batch_size)
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            responses = [output.text.strip() for output in outputs]
-            tokens = sum(output.prompt_tokens + len(output.token_ids) for output in outputs)
-            atomic_write_parquet(
-                pd.DataFrame({"prompt": prompts, "response": responses, "generator": model_dir.name}), part
-            )
-            write_json(part_info, {"seconds": time.perf_counter() - start, "tokens": tokens})
-        info = read_json(part_info)
-        generation_seconds += info["seconds"]
-        generated_tokens += info["tokens"]
-        pieces.append(pd.read_parquet(part))
+        log.info(f"stage 2: {model_dir.name} answers {len(prompts)} prompts")
+        # a turn the model invents is not part of its answer
+        params = [
+            sampling_params(config, seed=config.seed + m * len(prompts) + i, stop=data.TURN_MARKERS)
+            for i in range(len(prompts))
+        ]
+        outputs, stats = generate_stage(
+            parts / model_dir.name,
+            prompts,
+            params,
+            model_completer(model_dir, config.generation_batch_size),
+            config.generation_chunk_size,
+            key=str(model_dir),
+        )
+        generation["seconds"] += stats["seconds"]
+        generation["wait_seconds"] += stats["wait_seconds"]
+        generation["tokens"] += sum(output.prompt_tokens + len(output.token_ids) for output in outputs)
+        responses = [output.text.strip() for output in outputs]
+        pieces.append(pd.DataFrame({"prompt": prompts, "response": responses, "generator": model_dir.name}))
     generated = pd.concat(pieces, ignore_index=True)
+    distributed.run_on_main(score_stage2, config, objectives, generated, prompts, stage1_dirs, generation, run_dir)
+    distributed.remove(parts)
+    return pd.read_parquet(cached), read_json(info_path)
+
+
+def score_stage2(
+    config: Any,
+    objectives,
+    generated: pd.DataFrame,
+    prompts: list[str],
+    stage1_dirs: list[Path],
+    generation: dict[str, Any],
+    run_dir: Path,
+) -> None:
+    """Drop unusable answers, score the rest and save them with the stage's statistics (main process)."""
     generated, dropped = usable_responses(generated, config.stage2_drop_degenerate)
     if generated.empty:
         raise MoalignError(
@@ -103,14 +107,15 @@ def generate_stage2(
     for name, values in score(objectives, generated["prompt"], generated["response"], score_cache(config)).items():
         generated[name] = values
     info = {
-        "generation_seconds": generation_seconds,
-        "generated_tokens": generated_tokens,
+        "generation_seconds": generation["seconds"],
+        "generated_tokens": generation["tokens"],
+        "generation_wait_seconds": generation["wait_seconds"],
         "scoring_seconds": time.perf_counter() - start,
         "prompts": len(prompts),
         "generators": [d.name for d in stage1_dirs],
         "dropped": dropped,
+        "world_size": distributed.world_size(),
     }
-    write_json(info_path, info)
-    atomic_write_parquet(generated, cached)  # last: its presence means stage 2's data is complete
-    shutil.rmtree(parts, ignore_errors=True)
-    return generated, info
+    write_json(run_dir / "stage2_generated.json", info)
+    # last: its presence means stage 2's data is complete
+    atomic_write_parquet(generated, run_dir / "stage2_generated.parquet")
