@@ -152,7 +152,7 @@ def demo_tokenizer(captions: list[str], tags: list[str], max_length: int = 16):
 def tiny_pipeline(tokenizer, seed: int = 0, channels: tuple[int, int] = (32, 64), text_width: int = 64):
     """The untrained pipeline: by default a 1.0M-parameter UNet (channels 32/64, cross-attention at 8×8) and a
     2-layer CLIP text encoder of width 64 (tests make smaller ones)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from moalign.image.pipeline import PixelDiffusionPipeline
@@ -183,8 +183,9 @@ def tiny_pipeline(tokenizer, seed: int = 0, channels: tuple[int, int] = (32, 64)
         attention_head_dim=8,
         norm_num_groups=min(8, channels[0]),
     )
-    # DDIM samples in few steps; training reads the same noise schedule through DDPMScheduler.from_config.
-    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    # Ancestral DDPM sampling with the predicted image clipped to [-1, 1]: in 20 steps it gives this small,
+    # briefly trained UNet clean colours and shapes where deterministic DDIM drifts to saturated noise.
+    scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=True, steps_offset=1)
     return PixelDiffusionPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=scheduler)
 
 

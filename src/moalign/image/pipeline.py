@@ -9,6 +9,7 @@ UNet denoises pixels (`PixelDiffusionPipeline`, which the embedded demo uses).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,16 @@ class PixelDiffusionPipeline(StableDiffusionPipeline):
         image_encoder=None,
         requires_safety_checker: bool = False,
     ):
+        # Stable Diffusion's __init__ turns clip_sample off (and warns): right for latents, wrong for pixels,
+        # where clipping the predicted image to [-1, 1] keeps sampling in range. The scheduler is kept as given.
+        config = dict(scheduler.config)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="(?s).*clip_sample")
+            self._init_stable_diffusion(tokenizer, text_encoder, unet, scheduler)
+        self.scheduler = type(scheduler).from_config(config)
+        self.vae_scale_factor = 1
+
+    def _init_stable_diffusion(self, tokenizer, text_encoder, unet, scheduler) -> None:
         super().__init__(
             vae=None,
             text_encoder=text_encoder,
@@ -54,7 +65,6 @@ class PixelDiffusionPipeline(StableDiffusionPipeline):
             image_encoder=None,
             requires_safety_checker=False,
         )
-        self.vae_scale_factor = 1
 
     def __call__(self, *args, output_type: str = "pil", **kwargs):
         size = self.unet.config.sample_size
