@@ -282,7 +282,7 @@ def test_two_stage_run_loads_generates_and_resumes(tiny_lm, samples, tmp_path, c
     assert any("reusing the generated data" in r.message for r in caplog.records)
     capsys.readouterr()
     assert main([*args, "--k", "3"]) == 2  # resuming with another k would mix models trained differently
-    assert "was trained with other k" in capsys.readouterr().err
+    assert "was trained with k=2, not 3" in capsys.readouterr().err
 
 
 def test_lora_adapters_share_the_base(tiny_lm, samples, tmp_path):

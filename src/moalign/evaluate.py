@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from moalign import distributed
+from moalign import distributed, uncertainty
 from moalign.data import is_degenerate
 from moalign.errors import MoalignError
 from moalign.generation import SamplingParams
 from moalign.objectives import Objective, build_all
 from moalign.pareto import hypervolume, non_dominated, simplex_grid, validate_weights
+from moalign.policy import check_complete
 from moalign.run import read_json, read_manifest, write_json
 from moalign.scores import ScoreCache, score
 
@@ -99,7 +100,7 @@ def evaluate_policy(
     sampling = sampling or getattr(policy, "sampling", None) or SamplingParams()
     cache = cache if cache is not None else ScoreCache()
 
-    points, samples, collapse_rates = [], [], []
+    points, scored, samples, collapse_rates = [], [], [], []
     tokens, unit, seconds = 0, "tokens", 0.0
     label = f"evaluating {getattr(policy, 'run_dir', Path('policy')).name}"
     done: dict[Any, tuple[list[float], float, list[dict[str, Any]]]] = {}
@@ -126,12 +127,15 @@ def evaluate_policy(
                 }
                 for i in range(min(getattr(policy, "report_samples", N_SAMPLES), len(prompts)))
             ]
-            done[key] = ([float(np.mean(scores[name])) for name in names], float(np.mean(degenerate)), shown)
-        point, collapse, shown = done[key]
-        points.append(point)
+            per_prompt = np.stack([np.asarray(scores[name], dtype=float) for name in names], axis=1)
+            done[key] = (per_prompt, float(np.mean(degenerate)), shown)
+        per_prompt, collapse, shown = done[key]
+        points.append(per_prompt.mean(axis=0))
+        scored.append(per_prompt)
         collapse_rates.append(collapse)
         samples.append(shown)
     matrix = np.asarray(points, dtype=float)
+    resampled = uncertainty.resampled_points(np.stack(scored))
     return {
         "objectives": names,
         "preferences": grid.tolist(),
@@ -140,6 +144,10 @@ def evaluate_policy(
         "collapse_rate": float(np.mean(collapse_rates)),
         "collapse_rates": collapse_rates,
         "steerability": steerability(grid, matrix, names),
+        # 95% bootstrap intervals over prompts (moalign.uncertainty); the hypervolume's needs the reference point
+        "point_intervals": uncertainty.interval(resampled).tolist(),
+        "steerability_interval": uncertainty.steerability_intervals(grid, resampled, names),
+        "_resampled_points": resampled,
         "prompts": len(prompts),
         "samples": samples,
         "seconds": seconds,
@@ -298,8 +306,13 @@ def evaluate_runs(
     output_dir: str | Path | None = None,
     progress: bool = True,
     chunk_size: int = 256,
+    allow_incomplete: bool = False,
+    engine: Any = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every run on the same grid and prompts; write front.json/png and report.html per run.
+
+    `engine` (a `moalign.engines.OpenAIEngine`) generates on an OpenAI-compatible server instead of in
+    this process: each run's models must be served there under the names `moalign export` gives them.
 
     `sampling` is either the exact decoding settings or a dict of overrides on each run's own. With
     several runs a combined plot and report go to `output_dir` (default: the first run's parent).
@@ -312,6 +325,8 @@ def evaluate_runs(
     if not runs:
         raise MoalignError("no run directories given")
     manifests = [(run, read_manifest(run)) for run in runs]
+    for run, manifest in manifests:  # before any work: an unfinished run would give a partial front
+        check_complete(manifest, run, allow_incomplete)
     specs, names = _objective_specs(manifests)
     n = len(names) or len(specs)
     if reference_point is not None:
@@ -332,7 +347,9 @@ def evaluate_runs(
     fronts = []
     for run, manifest in manifests:
         # several ranks: each on its own device (one GPU per rank), else where the policy chooses
-        policy = load_policy(run, **({"device": distributed.device()} if distributed.world_size() > 1 else {}))
+        options = {"device": distributed.device()} if distributed.world_size() > 1 else {}
+        policy = load_policy(run, allow_incomplete=allow_incomplete, **options)
+        policy.engine = engine
         result = evaluate_policy(
             policy,
             prompt_list,
@@ -342,7 +359,7 @@ def evaluate_runs(
             cache,
             progress=progress and distributed.is_main(),
             chunks=run / EVAL_CHUNKS,
-            chunks_key=manifest,
+            chunks_key=[manifest, engine.base_url if engine is not None else "local"],  # engines sample apart
             chunk_size=chunk_size,
         )
         if hasattr(policy, "sample_grid"):  # image runs: a grid of images per preference for the report
@@ -370,6 +387,9 @@ def _write_fronts(
     reference = reference_point or default_reference_point([f["points"] for f in fronts])
     for front in fronts:
         front.update(front_metrics(front["points"], reference))
+        resampled = front.pop("_resampled_points", None)
+        if resampled is not None:
+            front["hypervolume_interval"] = uncertainty.hypervolume_interval(resampled, front["reference_point"])
         run = Path(front["run"])
         write_json(run / "front.json", _finite(front))
         report.plot_fronts([front], run / "front.png")
@@ -409,6 +429,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _fmt_interval(bounds: Sequence[float] | None, digits: int) -> str:
+    """` [low, high]`, the 95% bootstrap interval, or nothing where there is none."""
+    if not bounds or any(not math.isfinite(float(b)) for b in bounds):
+        return ""
+    return f" [{_fmt(bounds[0], digits)}, {_fmt(bounds[1], digits)}]"
+
+
 def summary_table(fronts: Sequence[dict[str, Any]]) -> str:
     """The short table `moalign eval` prints: run, method, hypervolume, collapse rate, steerability."""
     header = ["run", "method", "hypervolume", "non-dom", "collapse", "steerability"]
@@ -416,10 +443,13 @@ def summary_table(fronts: Sequence[dict[str, Any]]) -> str:
         [
             front["name"],
             front["method"],
-            _fmt(front["hypervolume"], 4),
+            _fmt(front["hypervolume"], 4) + _fmt_interval(front.get("hypervolume_interval"), 2),
             f"{front['n_non_dominated']}/{len(front['points'])}",
             f"{front['collapse_rate']:.0%}",
-            " ".join(f"{name}={_fmt(value, 2)}" for name, value in front["steerability"].items()),
+            " ".join(
+                f"{name}={_fmt(value, 2)}{_fmt_interval(front.get('steerability_interval', {}).get(name), 2)}"
+                for name, value in front["steerability"].items()
+            ),
         ]
         for front in fronts
     ]
@@ -457,9 +487,16 @@ class EvalConfig:
     max_new_tokens: int | None = None
     temperature: float | None = None
     output_dir: str | None = field(default=None, metadata={"help": "where the combined report goes (several runs)"})
+    allow_incomplete: bool = field(default=False, metadata={"help": "evaluate an unfinished per-preference run"})
+    engine: str = field(default="local", metadata={"help": "local (in-process) or openai (a server at --base_url)"})
+    base_url: str | None = field(
+        default=None, metadata={"help": "with --engine openai: the server, e.g. http://127.0.0.1:8001/v1"}
+    )
+    engine_concurrency: int = field(default=32, metadata={"help": "with --engine openai: requests in flight"})
 
 
 def cli(argv: list[str]) -> None:
+    from moalign.engines import engine_from
     from moalign.methods.common import parse_config
 
     args = parse_config(
@@ -482,6 +519,8 @@ def cli(argv: list[str]) -> None:
         reference_point=args.reference_point,
         sampling=overrides,
         output_dir=args.output_dir,
+        allow_incomplete=args.allow_incomplete,
+        engine=engine_from(args.engine, args.base_url, args.engine_concurrency, ("--engine", "--base_url")),
     )
     print(summary_table(fronts))
     print(f"reference point: {', '.join(_fmt(v, 4) for v in fronts[0]['reference_point'])}")

@@ -35,6 +35,8 @@ class Policy:
         self.sampling = SamplingParams(**manifest.get("sampling", {}))
         # How the method wrapped prompts in training (MODPO's safety setup: "USER: {prompt} ASSISTANT:")
         self.prompt_template: str = manifest.get("prompt_template") or "{prompt}"
+        # An OpenAI-compatible server to generate with (`moalign.engines.OpenAIEngine`); None: in-process.
+        self.engine: Any = None
 
     @property
     def n_objectives(self) -> int:
@@ -107,6 +109,10 @@ class Policy:
     ) -> list[Completion]:
         """Per-row preference and sampling settings; the server's batches come through here (`on_tokens`
         streams each row's tokens as they are sampled, see `generation.TokenCallback`)."""
+        if self.engine is not None:  # the policy says what to send where; the engine only generates
+            rows = list(zip(prompts, weights))
+            models = [self.upstream_model(self.check_weights(w)) for _, w in rows]
+            return self.engine.complete(models, [self.prompt_for(p, w) for p, w in rows], params)
         return self._complete([self.prompt_template.format(prompt=p) for p in prompts], weights, params, on_tokens)
 
     def _complete(
@@ -258,11 +264,25 @@ def policy_class(manifest: dict[str, Any]) -> type[Policy]:
     return cls
 
 
-def load_policy(run_dir: str | Path, **options) -> Policy:
-    """Read `run_dir/moalign.json` and build the policy it names."""
+def load_policy(run_dir: str | Path, allow_incomplete: bool = False, **options) -> Policy:
+    """Read `run_dir/moalign.json` and build the policy it names.
+
+    A per-preference run interrupted before its last model is refused unless `allow_incomplete`.
+    """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
+    check_complete(manifest, run_dir, allow_incomplete)
     return policy_class(manifest)(manifest, run_dir, **options)
+
+
+def check_complete(manifest: dict[str, Any], run_dir: Path, allow_incomplete: bool = False) -> None:
+    """Refuse an unfinished per-preference run unless asked: its front would lack the preferences left to train."""
+    if manifest.get("complete") is False and not allow_incomplete:
+        trained = len(manifest.get("models") or [])
+        raise MoalignError(
+            f"{run_dir} is an unfinished {manifest['method']} run ({trained} model(s) trained so far): rerun its "
+            "training command to finish it, or pass --allow_incomplete"
+        )
 
 
 @dataclass

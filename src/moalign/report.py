@@ -20,6 +20,7 @@ import numpy as np
 from moalign.run import atomic_write, atomic_write_text
 
 MAX_PANELS = 6  # pairwise projections drawn for N ≥ 3 objectives
+MARKERS = "osD^vP*X"  # one marker shape per run when points are coloured by weight
 
 
 def _pyplot():
@@ -41,18 +42,51 @@ def _weight_label(preference: Sequence[float]) -> str:
     return "(" + ",".join(f"{w:g}" for w in preference) + ")"
 
 
-def _draw_pair(ax, fronts: Sequence[dict[str, Any]], i: int, j: int, annotate: bool) -> None:
-    """Objective i on x, objective j on y: a line through the grid, non-dominated points filled."""
+def _draw_pair(ax, fronts: Sequence[dict[str, Any]], i: int, j: int, annotate: bool, lines: bool = True) -> None:
+    """Objective i on x, objective j on y: a line through the grid (N = 2) or markers coloured by w1 (N ≥ 3),
+    non-dominated points filled, each point's 95% interval as error bars."""
     names = fronts[0]["objectives"]
     colors = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
     labels: list[tuple[float, float, str, str]] = []
     for index, front in enumerate(fronts):
         color = colors[index % len(colors)]
         points = np.asarray(front["points"], dtype=float)
-        ax.plot(points[:, i], points[:, j], "-o", color=color, mfc="white", ms=5, lw=1.2, label=_label(front))
+        if lines:
+            ax.plot(points[:, i], points[:, j], "-o", color=color, mfc="white", ms=5, lw=1.2, label=_label(front))
+        else:  # N ≥ 3: grid neighbours are not neighbours in a projection; colour each point by its weight w1
+            weights = np.asarray(front["preferences"], dtype=float)[:, 0]
+            ax.scatter(
+                points[:, i],
+                points[:, j],
+                c=weights,
+                cmap="viridis",
+                marker=MARKERS[index % len(MARKERS)],
+                s=28,
+                vmin=0,
+                vmax=1,
+                edgecolor=color,
+                lw=0.8,
+                label=_label(front),
+            )
+        bounds = front.get("point_intervals")
+        if bounds is not None:  # the 95% bootstrap interval of each mean, over prompts
+            bounds = np.asarray(bounds, dtype=float)
+            ax.errorbar(
+                points[:, i],
+                points[:, j],
+                xerr=np.abs(bounds[:, i, :].T - points[:, i]),
+                yerr=np.abs(bounds[:, j, :].T - points[:, j]),
+                fmt="none",
+                ecolor=color,
+                alpha=0.35,
+                lw=0.8,
+                zorder=1,
+            )
         best = list(front.get("non_dominated", []))
-        if best:
+        if best and lines:
             ax.scatter(points[best, i], points[best, j], color=color, s=40, zorder=3, edgecolor="black", lw=0.6)
+        elif best:  # keep the weight's colour: ring the non-dominated points instead of filling them
+            ax.scatter(points[best, i], points[best, j], facecolors="none", edgecolors="black", s=70, lw=0.8, zorder=3)
         if annotate:
             # Preferences served alike land on one point: label it once, with the range of weights.
             shared: dict[tuple[float, float], list[str]] = {}
@@ -111,15 +145,39 @@ def plot_fronts(fronts: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pa
         else:
             ax.set_title("fronts over the preference grid" + (" (labels: w1)" if annotate else ""))
         ax.legend(fontsize=8, loc="best")
-    else:
-        pairs = list(itertools.combinations(range(n), 2))[:MAX_PANELS]
+    elif n == 3:
+        pairs = list(itertools.combinations(range(n), 2))
         fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.5), squeeze=False)
         for ax, (i, j) in zip(axes[0], pairs):
-            _draw_pair(ax, fronts, i, j, annotate=False)
+            _draw_pair(ax, fronts, i, j, annotate=False, lines=False)
         axes[0][0].legend(fontsize=8, loc="best")
-        fig.suptitle("pairwise projections of the fronts (filled: non-dominated in all objectives)")
-    fig.tight_layout()
+        fig.colorbar(axes[0][-1].collections[0], ax=axes[0].tolist(), label=f"weight on {names[0]}")
+        fig.suptitle("pairwise projections (colour: weight on the first objective; ringed: non-dominated)")
+    else:
+        fig, ax = plt.subplots(figsize=(1.6 * n + 3, 4.5))
+        _parallel_coordinates(ax, fronts, names)
+    if n != 3:  # the colour bar's axes do not take part in tight_layout
+        fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _parallel_coordinates(ax, fronts: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
+    """N ≥ 4: one polyline per preference across the objectives, each min-max scaled over all runs; the line
+    style tells the runs apart and the colour is the weight on the first objective."""
+    plt = _pyplot()
+    stacked = np.vstack([np.asarray(f["points"], dtype=float) for f in fronts])
+    low, span = stacked.min(axis=0), np.where(np.ptp(stacked, axis=0) > 0, np.ptp(stacked, axis=0), 1.0)
+    cmap, styles = plt.get_cmap("viridis"), ["-", "--", ":", "-."]
+    x = np.arange(len(names))
+    for index, front in enumerate(fronts):
+        points = (np.asarray(front["points"], dtype=float) - low) / span
+        for k, (preference, row) in enumerate(zip(front["preferences"], points)):
+            label = _label(front) if k == 0 else None
+            ax.plot(x, row, styles[index % len(styles)], color=cmap(float(preference[0])), lw=1, alpha=0.8, label=label)
+    ax.set_xticks(x, [f"{name}\n[{lo:.3g}, {lo + sp:.3g}]" for name, lo, sp in zip(names, low, span)])
+    ax.set_ylabel("mean score, min-max scaled over the runs")
+    ax.set_title("fronts in parallel coordinates (colour: weight on the first objective)")
+    ax.legend(fontsize=8, loc="best")
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
@@ -174,6 +232,13 @@ def plot_selection(
     save_figure(fig, path)
 
 
+def _with_interval(value: Any, bounds: Sequence[float] | None, digits: int = 4) -> str:
+    """`value [low, high]`: a number with its 95% bootstrap interval, where there is one."""
+    if not bounds or any(b is None or not math.isfinite(float(b)) for b in bounds):
+        return _number(value, digits)
+    return f"{_number(value, digits)} [{_number(float(bounds[0]), 3)}, {_number(float(bounds[1]), 3)}]"
+
+
 def _number(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -201,15 +266,15 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _summary(fronts: Sequence[dict[str, Any]]) -> str:
     names = fronts[0]["objectives"]
-    header = ["run", "method", "hypervolume", "non-dominated", "collapse rate"]
+    header = ["run", "method", "hypervolume [95% interval]", "non-dominated", "collapse rate"]
     header += [f"steerability {n}" for n in names] + ["eval seconds", "generated/s", "training s", "training tokens"]
     rows = []
     for f in fronts:
         training = f.get("training") or {}
         rows.append(
-            [f.get("name"), f.get("method"), f.get("hypervolume"), f"{f.get('n_non_dominated')}/{len(f['points'])}"]
-            + [f"{f.get('collapse_rate', math.nan):.1%}"]
-            + [f["steerability"].get(n) for n in names]
+            [f.get("name"), f.get("method"), _with_interval(f.get("hypervolume"), f.get("hypervolume_interval"))]
+            + [f"{f.get('n_non_dominated')}/{len(f['points'])}", f"{f.get('collapse_rate', math.nan):.1%}"]
+            + [_with_interval(f["steerability"].get(n), f.get("steerability_interval", {}).get(n), 3) for n in names]
             + [f.get("seconds"), f.get("generated_per_second"), training.get("seconds"), training.get("tokens")]
         )
     return _html_table(header, rows)
@@ -221,8 +286,10 @@ def _points(front: dict[str, Any]) -> str:
     rows = []
     for index, (w, p) in enumerate(zip(front["preferences"], front["points"])):
         rate = front.get("collapse_rates", [None] * len(front["points"]))[index]
+        bounds = front.get("point_intervals")
+        means = [_with_interval(v, bounds[index][k] if bounds else None) for k, v in enumerate(p)]
         rows.append(
-            [_weight_label(w)] + list(p) + ["yes" if index in best else "", "" if rate is None else f"{rate:.0%}"]
+            [_weight_label(w)] + means + ["yes" if index in best else "", "" if rate is None else f"{rate:.0%}"]
         )
     return _html_table(
         ["w1" if len(names) == 2 else "w"] + [f"mean {n}" for n in names] + ["non-dominated", "collapsed"], rows

@@ -83,6 +83,85 @@ def guard_output(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+SETTINGS = "moalign_settings.json"
+# Config fields that do not change what a run trains: logging, checkpointing, hub, evaluation and where files
+# go; and the fields whose change extends a finished run instead of redoing it (more preferences, RiC's next
+# online iteration, ParetoHqD's stage 2).
+NOT_RESULT_PREFIXES = ("logging_", "log_", "save_", "hub_", "push_to_hub", "eval", "dataloader_", "report_")
+NOT_RESULT = {
+    "output_dir",
+    "overwrite",
+    "run_name",
+    "disable_tqdm",
+    "do_eval",
+    "per_device_eval_batch_size",
+    "batch_eval_metrics",
+    "bf16_full_eval",
+    "fp16_full_eval",
+    "resume_from_checkpoint",
+    "score_cache",
+    "generation_batch_size",
+    "margin_batch_size",
+    "selection_plots",
+    "select_only",
+    "preferences",
+    "online_iterations",
+    "stages",
+}
+
+
+def result_settings(config: Any) -> dict[str, Any]:
+    """The config's fields that decide what the run trains, as JSON values (nothing secret: no hub token)."""
+    import dataclasses
+
+    return {
+        f.name: json.loads(json.dumps(getattr(config, f.name), default=str))
+        for f in dataclasses.fields(config)
+        if f.name not in NOT_RESULT and not f.name.startswith(NOT_RESULT_PREFIXES)
+    }
+
+
+def claim_run_dir(run_dir: str | os.PathLike, method: str, settings: dict[str, Any], overwrite: bool = False) -> Path:
+    """Make `run_dir` this run's, or refuse in one line: a run directory knows the settings it was trained with.
+
+    A rerun with the same settings resumes (finished stages are skipped); with settings that change the result
+    it refuses, naming the setting, unless `overwrite` (then the old run is deleted first).
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MoalignError(f"output_dir {run_dir} is a file; give a folder for the run")
+    path = run_dir / SETTINGS
+    current = {"method": method, **settings}
+    if overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+        if not (path.exists() or (run_dir / MANIFEST).exists()):
+            raise MoalignError(f"--overwrite: {run_dir} is not a moalign run directory; refusing to delete it")
+        shutil.rmtree(run_dir)
+    if path.exists():
+        previous = read_json(path)
+        changed = [key for key in sorted(set(previous) | set(current)) if previous.get(key) != current.get(key)]
+        if changed:
+            key = changed[0]
+            more = (
+                f" (and {len(changed) - 1} more setting{'s' if len(changed) > 2 else ''})" if len(changed) > 1 else ""
+            )
+            raise MoalignError(
+                f"{run_dir} was trained with {key}={previous.get(key)!r}, not {current.get(key)!r}{more}; "
+                "pass --overwrite to retrain it from scratch, or choose another output_dir"
+            )
+    elif (run_dir / MANIFEST).exists():  # a run from before settings were recorded: what its manifest says
+        manifest = read_json(run_dir / MANIFEST)
+        known = {"method": "method", "base_model": "model_name_or_path", "objectives": "objectives"}
+        for key, setting in known.items():
+            if key in manifest and setting in current and manifest[key] != current[setting]:
+                raise MoalignError(
+                    f"{run_dir} holds a {manifest.get('method')} run with {key}={manifest[key]!r}, not "
+                    f"{current[setting]!r}; pass --overwrite to retrain it from scratch, or choose another output_dir"
+                )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, current)
+    return run_dir
+
+
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ class CommonArguments:
     eval_prompts: str | None = field(default=None, metadata={"help": "JSONL of held-out prompts for `moalign eval`"})
     score_cache: str | None = field(default=None, metadata={"help": "SQLite score cache (default: user cache)"})
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "delete a run already in output_dir and train it again from scratch"}
+    )
     save_adapters: bool = field(
         default=False,
         metadata={"help": "with use_peft, save each trained LoRA adapter on its own instead of merging it"},
@@ -61,6 +65,14 @@ class CommonArguments:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "default: all linear layers"})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "max new tokens when the method generates"})
+    generation_backend: str = field(
+        default="local",
+        metadata={"help": "where the method generates: local, or openai (the server at generation_base_url)"},
+    )
+    generation_base_url: str | None = field(
+        default=None,
+        metadata={"help": "OpenAI-compatible server serving each model under its path (transformers serve)"},
+    )
     sample_temperature: float = 1.0
     sample_top_p: float = 1.0
     generation_chunk_size: int = field(
@@ -78,6 +90,9 @@ class CommonArguments:
         from moalign.models import ModelOptions
 
         ModelOptions.from_config(self).validate()  # a bad dtype or a missing package fails before any work
+        from moalign.engines import engine_from
+
+        engine_from(self.generation_backend, self.generation_base_url)  # a missing URL fails before any work too
         super().__post_init__()
 
 
@@ -136,6 +151,8 @@ def parse_config(
     prompts); they are set on the config as attributes of those names.
     """
     argv = list(argv)
+    if prog is None and len(sys.argv) > 1:  # `moalign COMMAND`, as the help and errors should name it
+        prog = f"moalign {sys.argv[1]}"
     parser = _parser_class()((config_class,), prog=prog)
     for name, nargs, help_text in positionals:
         parser.add_argument(name, nargs=nargs, help=help_text)
@@ -229,13 +246,24 @@ def last_checkpoint(output_dir: str | Path, complete: str = COMPLETE_CHECKPOINT)
     return distributed.run_on_main(clean)
 
 
-def save_final(model, tokenizer, destination: Path) -> None:
-    """Save a model (or adapter) under a temporary name, then rename: a folder that exists is complete."""
+def save_final(model, tokenizer, destination: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """Save a model (or adapter) under a temporary name, then rename: a folder that exists is complete.
+    `state_dict`: the weights gathered from ranks that each hold a shard (see `gathered_state_dict`)."""
     from moalign.run import atomic_path
 
     with atomic_path(destination) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+
+
+def gathered_state_dict(trainer) -> dict[str, Any] | None:
+    """The whole model's weights when ranks each hold a shard of them (FSDP, DeepSpeed ZeRO-3), gathered by
+    every rank together (each must call this); None when every rank holds the whole model (DDP, one process)."""
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+    return None
 
 
 def stage_args(config, output_dir: Path, **overrides):
@@ -267,9 +295,8 @@ def train_sft(
     `final_dir` exists is skipped (it finished before); an interrupted one resumes from its newest
     checkpoint in `stage_dir`.
     """
-    from trl import SFTTrainer
-
     from moalign.models import adapter_base
+    from moalign.training import sft_trainer
 
     if (done := finished_stage(final_dir)) is not None:
         log.info(f"stage {final_dir.name}: already trained, skipping")
@@ -280,9 +307,7 @@ def train_sft(
         model, peft_config, keep_adapter = load_causal_lm(model_path, config, trainable=True), None, True
     else:
         model, peft_config = load_causal_lm(model_path, config), lora_config(config)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
-    )
+    trainer = sft_trainer(model, args, dataset, tokenizer, peft_config)
     seconds = train_resumable(trainer, stage_dir)
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -290,9 +315,8 @@ def train_sft(
     tokens = int(sequences * sum(lengths) / max(1, len(lengths)))
     stats = {"seconds": seconds, "tokens": tokens, "steps": trainer.state.global_step, "samples": len(dataset)}
     # merged, later stages and policies load one plain model
-    return finish_stage(
-        trainer.model, tokenizer, final_dir, stage_dir, stats, merge=config.use_peft and not keep_adapter
-    )
+    merge = config.use_peft and not keep_adapter
+    return finish_stage(trainer.model, tokenizer, final_dir, stage_dir, stats, merge, gathered_state_dict(trainer))
 
 
 CLOCK_FILE = "moalign_clock.json"  # in a checkpoint: the stage's training seconds up to that checkpoint
@@ -344,20 +368,29 @@ def train_resumable(trainer, stage_dir: Path) -> float:
 
 
 def finish_stage(
-    model, tokenizer, final_dir: Path, stage_dir: Path, stats: dict[str, Any], merge: bool
+    model,
+    tokenizer,
+    final_dir: Path,
+    stage_dir: Path,
+    stats: dict[str, Any],
+    merge: bool,
+    state_dict: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Save a trained stage: merge its LoRA adapter if asked, save, write the marker last (a folder holding it
     is complete, and a rerun skips it) and drop the stage's checkpoints. Returns `stats` (the main process's:
-    it alone writes, while the other ranks wait)."""
+    it alone writes, while the other ranks wait). `state_dict`: the gathered weights of a sharded model."""
 
     from moalign.cost import record_stage_flops
 
     record_stage_flops(model, stats)  # counted before a LoRA merge: the adapters are what trained
 
+    if merge and state_dict is not None:
+        raise MoalignError("LoRA adapters trained sharded (FSDP, ZeRO-3) are not merged: set save_adapters: true")
+
     def save() -> dict[str, Any]:
         final = model.merge_and_unload() if merge else model
         final_dir.parent.mkdir(parents=True, exist_ok=True)
-        save_final(final, tokenizer, final_dir)
+        save_final(final, tokenizer, final_dir, state_dict)
         atomic_write_text(final_dir / STAGE_MARKER, json.dumps(stats))
         shutil.rmtree(stage_dir, ignore_errors=True)
         return stats
@@ -409,11 +442,18 @@ def generate_stage(
     return completions, stats
 
 
-def model_completer(path: str | Path, batch_size: int) -> Callable[[list[str], list[Any]], list[Any]]:
+def model_completer(path: str | Path, config: Any) -> Callable[[list[str], list[Any]], list[Any]]:
     """`complete` for `generate_stage`: the model at `path` on this rank's device, loaded at the first chunk
-    this rank generates (a resumed stage with every chunk done loads nothing)."""
+    this rank generates (a resumed stage with every chunk done loads nothing), `config.generation_batch_size`
+    rows at a time. With `generation_backend: openai` the rows go to the server at `generation_base_url`
+    instead, asking for the model by its absolute path (`transformers serve` loads any local folder so)."""
     from moalign import generation
+    from moalign.engines import engine_from
 
+    engine = engine_from(config.generation_backend, config.generation_base_url)
+    if engine is not None:
+        return engine.completer(str(Path(path).resolve()))
+    batch_size = config.generation_batch_size
     loaded: list[Any] = []
 
     def complete(prompts: list[str], params: list[Any]) -> list[Any]:
@@ -439,32 +479,40 @@ def score_cache(config: CommonArguments):
     return ScoreCache(config.score_cache or cache_dir() / "scores.sqlite")
 
 
+def start_run(config: CommonArguments, method: str) -> Path:
+    """The run directory, claimed for this method and config: a rerun with other settings refuses in one line."""
+    from moalign.run import claim_run_dir, result_settings
+
+    settings, overwrite = result_settings(config), getattr(config, "overwrite", False)
+    return distributed.run_on_main(claim_run_dir, config.output_dir, method, settings, overwrite)
+
+
 def train_per_preference(
     preferences: Sequence[Sequence[float]],
     run_dir: Path,
     train_one: Callable[[Sequence[float], Path, Path], dict[str, Any]],
     models_dir: str = "models",
     checkpoint_prefix: str = "",
-    on_trained: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None,
+    on_trained: Callable[[list[dict[str, Any]], dict[str, Any], bool], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One model per preference, named `models_dir/w0.2-0.8`: the loop every per-preference method runs.
 
     `train_one(preference, checkpoint_dir, final_dir)` trains (or skips a finished) model and returns its
-    stats; `on_trained(models, stages)` runs after each, so the manifest lists the finished models of an
-    interrupted run. Returns the manifest's `models` entries and the stats per model name.
+    stats; `on_trained(models, stages, complete)` runs after each, so the manifest of an interrupted run lists
+    its finished models and says it is incomplete. Returns the manifest's `models` and the stats per model.
     """
     from moalign.pareto import preference_name
 
     models: list[dict[str, Any]] = []
     stages: dict[str, Any] = {}
-    for preference in preferences:
+    for index, preference in enumerate(preferences):
         name = preference_name(preference)
         stages[name] = train_one(
             preference, run_dir / "checkpoints" / f"{checkpoint_prefix}{name}", run_dir / models_dir / name
         )
         models.append({"preference": [float(x) for x in preference], "path": f"{models_dir}/{name}"})
         if on_trained is not None:
-            on_trained(models, stages)
+            on_trained(models, stages, index == len(preferences) - 1)
     return models, stages
 
 
@@ -480,11 +528,14 @@ def training_totals(stages: dict[str, dict[str, Any]], **extra: Any) -> dict[str
     }
 
 
-def write_run_manifest(config: CommonArguments, method: str, policy: str | None, **fields: Any) -> None:
+def write_run_manifest(
+    config: CommonArguments, method: str, policy: str | None, complete: bool = True, **fields: Any
+) -> None:
     """The run's manifest: method, the policy class that serves it ("module:Class"; None for runs that are
     not policies, such as preference models), base model, objectives, sampling, held-out prompts, plus
     `fields`. Written by the main process only."""
-    distributed.run_on_main(_write_run_manifest, config, method, policy, fields)
+    # "complete" is False while a per-preference run has models left to train: eval and serve then refuse it
+    distributed.run_on_main(_write_run_manifest, config, method, policy, {"complete": complete, **fields})
 
 
 def _write_run_manifest(config: CommonArguments, method: str, policy: str | None, fields: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from moalign.methods.common import (
     lora_config,
     parse_config,
     score_cache,
+    start_run,
     train_per_preference,
     train_resumable,
     training_totals,
@@ -247,8 +248,7 @@ def train(config: MORLConfig) -> Path:
     check_config(config)
     objectives = build_all(config.objectives)
     preferences = parse_preferences(config.preferences, len(objectives))
-    run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = start_run(config, "morlhf" if config.scalarization == "linear" else "morl")
     prompts, samples = load_training_data(config)
     if not prompts:
         raise MoalignError(f"{config.dataset} has no prompts")
@@ -267,11 +267,12 @@ def train(config: MORLConfig) -> Path:
             return train_ppo(config, config.model_name_or_path, prompts, reward, stage_dir, final_dir, keep)
         return train_trl(config, prompts, reward, stage_dir, final_dir)
 
-    def write(models: list[dict[str, Any]], stages: dict[str, Any]) -> None:
+    def write(models: list[dict[str, Any]], stages: dict[str, Any], complete: bool) -> None:
         write_run_manifest(
             config,
             method,
             PER_PREFERENCE_POLICY,
+            complete=complete,
             algorithm=config.algorithm,
             scalarization=config.scalarization,
             scalarization_options=options,

@@ -16,6 +16,7 @@ from moalign.methods.common import (
     CommonArguments,
     load_training_data,
     parse_config,
+    start_run,
     train_sft,
     training_totals,
     write_run_manifest,
@@ -37,8 +38,7 @@ def preferred_completions(dataset: datasets.Dataset) -> datasets.Dataset:
 
 
 def train(config: SFTRunConfig) -> Path:
-    run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = start_run(config, "sft")
     dataset = preferred_completions(load_training_data(config))
     stats = train_sft(config.model_name_or_path, dataset, config, run_dir / "checkpoints", run_dir / "model")
     write_run_manifest(config, "sft", FIXED_POLICY, model="model", training=training_totals({"sft": stats}))

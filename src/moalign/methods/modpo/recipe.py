@@ -23,12 +23,14 @@ from moalign.methods.common import (
     CommonArguments,
     finish_stage,
     finished_stage,
+    gathered_state_dict,
     load_causal_lm,
     load_tokenizer,
     lora_config,
     objective_names,
     parse_config,
     stage_args,
+    start_run,
     train_per_preference,
     train_resumable,
     training_totals,
@@ -192,7 +194,7 @@ def train_preference_stage(
         stats["weights"] = list(weights)
     # merged: one plain model; adapters: the policy loads base + adapter
     merge = config.use_peft and not config.save_adapters
-    return finish_stage(trainer.model, tokenizer, final_dir, stage_dir, stats, merge=merge)
+    return finish_stage(trainer.model, tokenizer, final_dir, stage_dir, stats, merge, gathered_state_dict(trainer))
 
 
 def _end_entries(config: MODPOConfig, plan: MODPOPlan, run_dir: Path) -> list[dict[str, Any]]:
@@ -226,8 +228,7 @@ def _dpo_objective(run: str, manifest: dict[str, Any], plan: MODPOPlan) -> int:
 def train(config: MODPOConfig) -> Path:
     """Validate, compute the margins once, then one resumable MODPO model per preference."""
     plan = plan_modpo(config)
-    run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = start_run(config, "modpo")
     start = time.perf_counter()
     with distributed.main_first():  # the main process scores and caches the margins; the others read them
         pairs = load_pairs(config, plan.names)
@@ -240,11 +241,12 @@ def train(config: MODPOConfig) -> Path:
         weights = plan.trainer_weights(preference)
         return train_preference_stage(config.model_name_or_path, dataset, config, stage_dir, final_dir, weights)
 
-    def write(models: list[dict[str, Any]], stages: dict[str, Any]) -> None:
+    def write(models: list[dict[str, Any]], stages: dict[str, Any], complete: bool) -> None:
         write_run_manifest(
             config,
             "modpo",
             PER_PREFERENCE_POLICY,
+            complete=complete,
             models=[{**m, "source": "modpo"} for m in models] + ends,
             stats=stats,
             trained_objective=plan.names[plan.k],
@@ -268,8 +270,7 @@ def train_dpo(config: DPORunConfig) -> Path:
     names = objective_names(config.objectives) if config.objectives else []
     if names and not 0 <= config.objective_index < len(names):
         raise MoalignError(f"objective_index {config.objective_index} is out of range for {len(names)} objectives")
-    run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = start_run(config, "dpo")
     pairs = load_pairs(config, names)
     stats = train_preference_stage(
         config.model_name_or_path, training_dataset(pairs), config, run_dir / "checkpoints", run_dir / "model"

@@ -22,7 +22,6 @@ The run directory:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from moalign.methods.common import (
     load_training_data,
     parse_config,
     score_cache,
+    start_run,
     train_per_preference,
     train_sft,
     training_totals,
@@ -166,44 +166,6 @@ def train_one(
     return train_sft(model_path, dataset, config, stage_dir, final_dir, keep_adapter=keep, max_steps=steps)
 
 
-SETTINGS = (
-    "model_name_or_path",
-    "dataset",
-    "dataset_split",
-    "max_samples",
-    "objectives",
-    "k",
-    "n_layers",
-    "distance",
-    "stage2_k",
-    "stage2_prompts",
-    "stage2_drop_degenerate",
-    "use_peft",
-    "save_adapters",
-    "seed",
-)
-
-
-def check_settings(config: ParetoHqDConfig, preferences: np.ndarray, run_dir: Path) -> None:
-    """Refuse to resume a run directory whose finished models were trained with other settings.
-
-    Resuming skips every finished model folder, so a changed k or dataset would silently mix models.
-    Going from `stages: 1` to `stages: 2` is fine: stage 1 is reused and stage 2 is added.
-    """
-    current = {name: getattr(config, name) for name in SETTINGS}
-    current["preferences"] = np.round(preferences, 8).tolist()
-    path = run_dir / "paretohqd_settings.json"
-    if path.exists():
-        previous = read_json(path)
-        changed = sorted(key for key in current if previous.get(key) != json.loads(json.dumps(current[key])))
-        if changed:
-            raise MoalignError(
-                f"{run_dir} was trained with other {', '.join(changed)}; use a new output_dir or delete it"
-            )
-    else:
-        write_json(path, current)
-
-
 def train_stage(
     stage: str,
     sources: list[str],
@@ -249,8 +211,7 @@ def train(config: ParetoHqDConfig) -> Path:
     objectives = build_all(config.objectives)
     names = [objective.name for objective in objectives]
     preferences = parse_preferences(config.preferences, len(names))
-    run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = start_run(config, "paretohqd")
     timings_path = run_dir / "paretohqd_timings.json"
     timings = read_json(timings_path) if timings_path.exists() else {}
 
@@ -267,7 +228,6 @@ def train(config: ParetoHqDConfig) -> Path:
     )
     if config.select_only:
         return run_dir
-    distributed.run_on_main(check_settings, config, preferences, run_dir)
 
     # Stage 1: every preference's model from the base model, on its k offline samples.
     base = [config.model_name_or_path] * len(preferences)

@@ -72,7 +72,7 @@ def generate_stage2(
             parts / model_dir.name,
             prompts,
             params,
-            model_completer(model_dir, config.generation_batch_size),
+            model_completer(model_dir, config),
             config.generation_chunk_size,
             key=str(model_dir),
         )

@@ -34,6 +34,7 @@ from moalign.methods.common import (
     parse_config,
     sampling_params,
     score_cache,
+    start_run,
     train_sft,
     training_totals,
     write_run_manifest,
@@ -219,7 +220,7 @@ class RiCRecipe:
             self.run_dir / "data" / f"online_{k}_chunks",
             conditioned,
             params,
-            model_completer(model_dir, config.generation_batch_size),
+            model_completer(model_dir, config),
             config.generation_chunk_size,
             key=str(model_dir),
         )
@@ -259,7 +260,7 @@ class RiCRecipe:
         )
 
     def run(self) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_run(self.config, "ric")
         with distributed.main_first():  # the main process scores and caches; the others read its cache
             offline = self.prepare()
         stats = self.stats(offline)
