@@ -262,6 +262,18 @@ def test_loss_curve_matches_one_process_with_the_same_global_batch(launched, nam
     assert two == pytest.approx(one, rel=1e-4)
 
 
+def test_cpu_num_processes_trap_is_warned_in_one_line(tmp_path):
+    """The real trap: accelerate starts one process for `--cpu --num_processes 2`; moalign says so."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    command += ["-m", "moalign.cli", "objectives"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert done.returncode == 0
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("moalign objectives: warning:")]
+    assert len(warnings) == 1 and "ONE process" in warnings[0]  # one process, one line
+
+
 def test_cpu_num_processes_trap_is_detected():
     launched_one = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     assert "ONE process" in distributed.launch_warning(launched_one)

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -203,19 +203,21 @@ def map_chunks(
             for chunk in gathered:
                 write_json(_chunk_path(folder, chunk["index"]), chunk)
     barrier()  # every chunk file is on disk before any rank reads them
-    rows, seconds, ranks = [], 0.0, {}
+    rows, ranks, rank_seconds = [], {}, {}
     for index in range(n_chunks):
         chunk = read_json(_chunk_path(folder, index))
         rows.extend(chunk["rows"])
-        seconds += chunk["seconds"]
-        ranks[str(chunk["rank"])] = ranks.get(str(chunk["rank"]), 0) + len(chunk["rows"])
+        key = str(chunk["rank"])
+        ranks[key] = ranks.get(key, 0) + len(chunk["rows"])
+        rank_seconds[key] = rank_seconds.get(key, 0.0) + chunk["seconds"]
     stats = {
-        "seconds": seconds,
+        "seconds": sum(rank_seconds.values()),
         "wait_seconds": wait,
         "chunks": n_chunks,
         "resumed_chunks": n_chunks - len(todo),
         "world_size": size,
         "rows_per_rank": ranks,
+        "seconds_per_rank": rank_seconds,
     }
     return rows, stats
 
@@ -223,10 +225,3 @@ def map_chunks(
 def remove(folder: Path) -> None:
     """The main process deletes a folder (a finished stage's chunks or checkpoints); the others wait."""
     run_on_main(shutil.rmtree, folder, ignore_errors=True)
-
-
-def split(items: Sequence[T]) -> Sequence[T]:
-    """This rank's contiguous share of `items` (what it scores or generates in a stage split by rank)."""
-    size, me = world_size(), rank()
-    per = -(-len(items) // size)
-    return items[me * per : (me + 1) * per]
