@@ -53,7 +53,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "method": "ric",
             "policy": "moalign.methods.ric.policy:RiCPolicy",
             "model": str(model),
-            "objective_names": ["a", "b"],
+            "objective_names": ["length", "brevity"],
             "objectives": ["length", "brevity"],
             "ric": RIC,
         },
@@ -310,3 +310,46 @@ def test_router_refuses_what_it_cannot_forward(runs):
         assert response.status_code == 400 and "logprobs are not forwarded" in response.json()["error"]["message"]
         bad = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "preference": [2, -1]}, timeout=30)
         assert bad.status_code == 400 and "preference" in bad.json()["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- bulk generation on a server
+
+
+def test_the_bulk_engine_keeps_row_order_and_seeds(runs):
+    """Eight rows of different lengths, four in flight: answers come back in the rows' order, each sampled
+    with its own seed exactly as the in-process sampler samples it."""
+    import numpy as np
+
+    from moalign.engines import OpenAIEngine
+    from moalign.generation import SamplingParams
+    from moalign.policy import load_policy
+
+    prompts = ["the cat", "a good day is a sunny day with friends", "cook", "yes", "the weather is bad", "no", "a", "b"]
+    params = [SamplingParams(max_new_tokens=4 + 3 * (i % 3), temperature=1.0, seed=100 + i) for i in range(8)]
+    local = load_policy(runs["plain"], device="cpu").complete(prompts, [np.array([0.5, 0.5])] * 8, params)
+    with native(runs["plain"], model_id="tiny") as upstream:
+        remote = OpenAIEngine(f"{upstream.url}/v1", concurrency=4).complete("tiny", prompts, params)
+        assert upstream.stats["requests"] == 8
+    assert [c.text for c in remote] == [c.text for c in local]
+    assert [c.prompt_tokens for c in remote] == [c.prompt_tokens for c in local]
+
+
+def test_eval_on_a_server_gives_the_front_of_local_generation(runs, capsys):
+    """`moalign eval --engine openai`: the RiC run's prompts (rewards written in by the policy) sent to a
+    server with its model; a server that honours seeds gives exactly the local front."""
+    from moalign.cli import main
+    from moalign.evaluate import load_front
+
+    prompts = runs["root"] / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat", "a good day", "cook the rice"]))
+    flags = ["--prompts", str(prompts), "--divisions", "2", "--max_new_tokens", "6", "--reference_point=-1,-60"]
+    assert main(["eval", str(runs["ric"]), *flags]) == 0
+    local = load_front(runs["ric"])
+    with native(runs["plain"], model_id="ric") as upstream:
+        assert main(["eval", str(runs["ric"]), *flags, "--engine", "openai", "--base_url", f"{upstream.url}/v1"]) == 0
+        assert upstream.stats["requests"] == 3 * 3  # three prompts under three preferences, each row a request
+    remote = load_front(runs["ric"])
+    assert remote["points"] == local["points"] and remote["preferences"] == local["preferences"]
+    capsys.readouterr()
+    assert main(["eval", str(runs["ric"]), *flags, "--engine", "openai"]) == 2
+    assert "--engine openai needs --base_url" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def plan_models(run_dir: Path) -> tuple[Any, dict[str, Path], dict[str, str | No
 
 def export(run_dir: str | Path, target: str, out_dir: str | Path, port: int = 8001) -> dict[str, Any]:
     """Write OUTDIR for `target` ("vllm" or "transformers"); returns what moalign-export.json holds."""
-    run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).resolve()
+    run_dir, out_dir = Path(run_dir), Path(out_dir)  # as the user gave them: the printed commands run from here
     if target not in ("vllm", "transformers"):
         raise MoalignError(f"--for takes vllm or transformers, got {target!r}")
     if out_dir.exists():
