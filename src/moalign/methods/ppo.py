@@ -417,6 +417,8 @@ def train_ppo(
     rollout_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
     strategy = getattr(config.save_strategy, "value", config.save_strategy)
     save_every = every(config.save_steps, steps) if strategy != "no" else 0
+    if save_every >= steps >= 2:  # a run shorter than save_steps is still checkpointed, half-way
+        save_every = steps // 2
     log_every = every(config.logging_steps, steps)
     world, rank = distributed.world_size(), distributed.rank()
     for step in range(start_step, steps):
