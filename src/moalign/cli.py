@@ -12,7 +12,8 @@ import os
 import sys
 
 from moalign.distributed import launch_warning
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, first_line
+from moalign.run import discard_empty_claims
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("moalign.demo", "run the embedded task end to end (no downloads) and write a report"),
@@ -39,6 +40,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 ENTRY_POINTS = {"dpo": "dpo_cli", "generate": "generate_cli"}
 
 
+running: str | None = None  # the command being run, for the name in help and error lines
+
+
+def is_library_error(error: BaseException) -> bool:
+    """Errors the libraries raise for a user's files: unreadable, corrupt, malformed. One line is enough."""
+    if isinstance(error, (OSError, UnicodeDecodeError)):
+        return True
+    kinds = {
+        "yaml": "YAMLError",
+        "safetensors": "SafetensorError",
+        "datasets.exceptions": "DatasetGenerationError",
+        "pyarrow": "ArrowException",
+        "json": "JSONDecodeError",
+    }
+    for module, name in kinds.items():
+        kind = getattr(sys.modules.get(module), name, None)  # only libraries already loaded can have raised
+        if isinstance(kind, type) and isinstance(error, kind):
+            return True
+    return False
+
+
 def usage() -> str:
     lines = ["usage: moalign COMMAND [options]   (moalign COMMAND --help for each)", "", "commands:"]
     lines += [f"  {name:<11} {summary}" for name, (_, summary) in COMMANDS.items()]
@@ -61,10 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = importlib.import_module(COMMANDS[command][0])
     entry = getattr(module, ENTRY_POINTS.get(command, "cli"))
+    global running
+    running = command
     try:
         entry(rest)
     except MoalignError as error:
+        discard_empty_claims()
         print(f"moalign {command}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if not is_library_error(error):
+            raise  # a bug in moalign: the traceback is what to report
+        discard_empty_claims()
+        print(f"moalign {command}: error: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moalign {command}: interrupted; run the same command again to resume", file=sys.stderr)

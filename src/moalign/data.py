@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -47,19 +48,50 @@ def load_raw(source: str, split: str = "train", subset: str | None = None) -> da
             return datasets.load_dataset(str(path), split=split)
         if path.suffix not in LOCAL_FORMATS:
             raise MoalignError(f"dataset {source}: use a .json, .jsonl, .csv or .parquet file")
-        return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise MoalignError(f"dataset {source} is empty")
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a local file loads in a blink: no bar on the terminal
+        try:
+            return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as error:  # a corrupt file fails deep inside datasets/pyarrow: say which file, once
+            cause = error.__cause__ or error
+            if "corresponds to no data" in str(cause):  # a header and no rows
+                raise MoalignError(f"dataset {source} has no rows") from None
+            raise MoalignError(f"cannot read dataset {source} ({type(cause).__name__}: {first_line(cause)})") from None
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
     try:
         return datasets.load_dataset(source, subset, split=split)
     except Exception as error:  # the hub client raises many types; the user needs one line
         raise MoalignError(f"cannot load dataset {source!r} ({first_line(error)})") from None
 
 
+def check_text_columns(dataset: datasets.Dataset, columns: Sequence[str], source: str = "dataset") -> None:
+    """Every value of the text columns is a string: a null or a number would fail later, far from its cause."""
+    if len(dataset) == 0:
+        raise MoalignError(f"{source} has no rows")
+    for column in columns:
+        values = dataset[column]
+        if missing := sum(value is None for value in values):
+            raise MoalignError(f"column {column!r} of {source} has {missing} empty (null) values; fill or drop them")
+        wrong = [value for value in values if not isinstance(value, str)]
+        if wrong:
+            raise MoalignError(
+                f"column {column!r} of {source} must hold text, found {type(wrong[0]).__name__} {wrong[0]!r}"
+            )
+
+
 def standardize(dataset: datasets.Dataset, source: str = "dataset") -> datasets.Dataset:
     """Return the dataset with standard columns: (prompt, response) or (prompt, chosen, rejected)."""
     columns = set(dataset.column_names)
-    if {"prompt", "chosen", "rejected"} <= columns or {"prompt", "response"} <= columns:
-        return dataset
+    for shape in (("prompt", "chosen", "rejected"), ("prompt", "response")):
+        if set(shape) <= columns:
+            check_text_columns(dataset, shape, source)
+            return dataset
     if {"chosen", "rejected"} <= columns:
+        check_text_columns(dataset, ("chosen", "rejected"), source)
 
         def split_pair(row):
             prompt, chosen = split_dialogue(row["chosen"])

@@ -10,6 +10,7 @@ are prefilled in length-sorted batches with a KV cache; each decode step does no
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def validate(self) -> None:
+        if not all(math.isfinite(float(v)) for v in (self.temperature, self.top_p)):
+            raise MoalignError(f"temperature and top_p must be finite numbers, got {self.temperature}, {self.top_p}")
         if self.max_new_tokens < 1:
             raise MoalignError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -133,6 +136,13 @@ def generate(
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     if empty := [i for i, row in enumerate(ids) if not row]:
         raise MoalignError(f"prompt {empty[0]} tokenizes to nothing; give non-empty prompts")
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context and (long := [i for i, row in enumerate(ids) if len(row) + params[i].max_new_tokens > context]):
+        i = long[0]
+        raise MoalignError(
+            f"prompt {i} has {len(ids[i])} tokens; with max_new_tokens {params[i].max_new_tokens} it exceeds the "
+            f"model's context of {context} tokens: shorten it or lower max_new_tokens"
+        )
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     results: list[Completion | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):

@@ -285,6 +285,9 @@ def check_complete(manifest: dict[str, Any], run_dir: Path, allow_incomplete: bo
         )
 
 
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "seed")
+
+
 @dataclass
 class GenerateConfig:
     """`moalign generate RUN PROMPT [PROMPT ...]`: the run's answers for one preference."""
@@ -309,22 +312,14 @@ def generate_cli(argv: list[str]) -> None:
         positionals=[("run_dir", None, "the run directory"), ("prompts", "+", "one or more prompts")],
         prog="moalign generate",
     )
+    overrides = {key: getattr(args, key) for key in SAMPLING_FLAGS if getattr(args, key) is not None}
+    SamplingParams(**overrides).validate()  # before loading a model: a NaN temperature is the user's to fix
     policy = load_policy(args.run_dir)
     weights = parse_weights(args.weights, policy.n_objectives) if args.weights else None
     if getattr(policy, "modality", "text") == "image":
         from moalign.image.policy import write_images
 
         return write_images(policy, args, weights)
-    overrides = {
-        key: value
-        for key, value in (
-            ("max_new_tokens", args.max_new_tokens),
-            ("temperature", args.temperature),
-            ("top_p", args.top_p),
-            ("seed", args.seed),
-        )
-        if value is not None
-    }
     params = SamplingParams(**{**vars(policy.sampling), **overrides})
     for prompt, response in zip(args.prompts, policy.generate(args.prompts, weights, params)):
         print(f"{prompt}\n{response}\n")

@@ -157,9 +157,22 @@ def claim_run_dir(run_dir: str | os.PathLike, method: str, settings: dict[str, A
                     f"{run_dir} holds a {manifest.get('method')} run with {key}={manifest[key]!r}, not "
                     f"{current[setting]!r}; pass --overwrite to retrain it from scratch, or choose another output_dir"
                 )
+    if not run_dir.exists():
+        CLAIMED.append(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(path, current)
     return run_dir
+
+
+CLAIMED: list[Path] = []  # run directories this process created, until it finishes
+
+
+def discard_empty_claims() -> None:
+    """After a failed command: remove the run directories it created that hold nothing but their settings."""
+    while CLAIMED:
+        run_dir = CLAIMED.pop()
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {SETTINGS}:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def library_versions() -> dict[str, str]:

@@ -76,14 +76,14 @@ def score(
         known = cache.get(keys)
         todo = [i for i, k in enumerate(keys) if k not in known]
         values = np.array([known.get(k, np.nan) for k in keys], dtype=float)
-        bar = tqdm(total=len(todo), desc=f"scoring {objective.name}", disable=not progress or not todo)
-        for start in range(0, len(todo), batch_size):
-            index = todo[start : start + batch_size]
-            batch = objective.score([prompts[i] for i in index], [responses[i] for i in index])
-            values[index] = batch
-            cache.put({keys[i]: float(v) for i, v in zip(index, batch)})
-            bar.update(len(index))
-        bar.close()
+        # closed on an error too, so the error starts a line of its own
+        with tqdm(total=len(todo), desc=f"scoring {objective.name}", disable=not progress or not todo) as bar:
+            for start in range(0, len(todo), batch_size):
+                index = todo[start : start + batch_size]
+                batch = objective.score([prompts[i] for i in index], [responses[i] for i in index])
+                values[index] = batch
+                cache.put({keys[i]: float(v) for i, v in zip(index, batch)})
+                bar.update(len(index))
         results[objective.name] = values
     return results
 
@@ -172,6 +172,8 @@ def cli(argv: list[str]) -> None:
     output = guard_output(args.output, args.overwrite)
     if output.suffix != ".parquet":
         raise MoalignError(f"--output {output} must end in .parquet")
+    if args.limit is not None and args.limit < 1:
+        raise MoalignError(f"--limit must be ≥ 1 (rows to score), got {args.limit}")
     cache = ScoreCache(args.cache or cache_dir() / "scores.sqlite")
     frame = score_dataset(args.dataset, args.objectives, args.split, cache, args.limit)
     atomic_write_parquet(frame, output)

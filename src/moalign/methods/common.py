@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +128,9 @@ def _parser_class() -> type:
     from trl import TrlParser
 
     class OneLineParser(TrlParser):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, allow_abbrev=False, **kwargs)  # --learning_rat is a typo, not --learning_rate
+
         def error(self, message: str):
             raise MoalignError(message)
 
@@ -151,11 +153,14 @@ def parse_config(
     prompts); they are set on the config as attributes of those names.
     """
     argv = list(argv)
-    if prog is None and len(sys.argv) > 1:  # `moalign COMMAND`, as the help and errors should name it
-        prog = f"moalign {sys.argv[1]}"
+    from moalign import cli
+
+    if prog is None and cli.running:  # `moalign COMMAND`, as help and errors should name it
+        prog = f"moalign {cli.running}"
     parser = _parser_class()((config_class,), prog=prog)
     for name, nargs, help_text in positionals:
         parser.add_argument(name, nargs=nargs, help=help_text)
+    values: dict[str, Any] = {}
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
@@ -178,8 +183,9 @@ def parse_config(
     for namespace in extra:
         for name, value in vars(namespace).items():
             setattr(config, name, value)
-    for name in required:
-        if not getattr(config, name, None):
+    given = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")} | set(values)
+    for name in required:  # given by the user: a library default (TrainingArguments' "trainer_output") is not
+        if name not in given or not getattr(config, name, None):
             raise MoalignError(f"{name} is not set (YAML key or --{name})")
     return config
 
@@ -479,10 +485,28 @@ def score_cache(config: CommonArguments):
     return ScoreCache(config.score_cache or cache_dir() / "scores.sqlite")
 
 
+def check_model_source(path: str) -> None:
+    """A local model folder that holds a model (or a LoRA adapter), or a hub id the cache knows: else one line."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not ((local / "config.json").exists() or (local / "adapter_config.json").exists()):
+            raise MoalignError(f"model {path} has no config.json: give a saved model or adapter folder")
+        return
+    if path.startswith((".", "/", "~")):
+        raise MoalignError(f"model path {path} does not exist")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise MoalignError(f"cannot load model {path} ({first_line(error)})") from None
+
+
 def start_run(config: CommonArguments, method: str) -> Path:
     """The run directory, claimed for this method and config: a rerun with other settings refuses in one line."""
     from moalign.run import claim_run_dir, result_settings
 
+    check_model_source(config.model_name_or_path)  # before scoring a whole dataset for a model that is not there
     settings, overwrite = result_settings(config), getattr(config, "overwrite", False)
     return distributed.run_on_main(claim_run_dir, config.output_dir, method, settings, overwrite)
 

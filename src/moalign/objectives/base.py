@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, first_line
 
 
 class Objective:
@@ -39,7 +39,19 @@ class Objective:
             return np.zeros(0)
         # An image response (objectives.image.ImageResponse) is scored as the image it carries.
         payloads = [getattr(response, "image", response) for response in responses]
-        values = np.asarray(self._score(prompts, payloads), dtype=float).reshape(-1)
+        try:
+            raw = self._score(prompts, payloads)
+        except MoalignError:
+            raise
+        except Exception as error:  # a user's scorer: name it and say what it raised, in one line
+            raise MoalignError(f"objective {self.name} failed: {type(error).__name__}: {first_line(error)}") from None
+        try:
+            values = np.asarray(raw, dtype=float).reshape(-1)
+        except (TypeError, ValueError):
+            raise MoalignError(
+                f"objective {self.name} returned {type(raw).__name__} values that are not numbers; "
+                "it must return one float per sample"
+            ) from None
         if values.size != len(responses):
             raise MoalignError(
                 f"objective {self.name} returned {values.size} scores for {len(responses)} samples; "
