@@ -5,6 +5,7 @@ import pytest
 
 from moalign.cli import main
 from moalign.errors import MoalignError
+from moalign.generation import SamplingParams
 from moalign.methods.ric import (
     QUANTILE_LEVELS,
     RewardTemplate,
@@ -14,7 +15,9 @@ from moalign.methods.ric import (
     preference_to_targets,
     sample_targets,
 )
+from moalign.objectives import build_all
 from moalign.policy import load_policy
+from moalign.testing import build_causal_lm
 
 LOW2, HIGH2 = np.array([-2.0, -1.0]), np.array([2.0, 3.0])
 LOW3, HIGH3 = np.array([-1.0, -2.0, 0.0]), np.array([1.0, 2.0, 4.0])
@@ -131,9 +134,27 @@ def ric_args(tiny_lm, dataset, out, cache, **extra):
     return flat
 
 
-def test_ric_end_to_end_and_steering(tiny_lm, tmp_path):
+# A corpus a tiny model learns to steer on within a minute: every answer is good or bad news (VADER's sign)
+# told in two or nine words (length), so the two objectives vary independently and each is one decision.
+QUESTIONS = ["how was it", "any news", "what happened", "tell me"]
+STEERING = [
+    {"prompt": f"\n\nHuman: {question}?\n\nAssistant:", "response": mood + tail}
+    for question in QUESTIONS
+    for mood in ("good", "great", "bad", "awful")
+    for tail in (" news", " news about the trip to the park today")
+]
+
+
+def test_ric_end_to_end_and_steering(tmp_path):
+    dataset = tmp_path / "steering.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in STEERING))
+    # The tokenizer sees the answers often enough to give their words tokens of their own.
+    texts = [f"{row['prompt']} <length> -1.0 <vader> 1.0 {row['response']}" for row in STEERING]
+    model = build_causal_lm(tmp_path / "lm", texts=texts + [" " + row["response"] for row in STEERING] * 3)
     run = tmp_path / "run"
-    assert main(ric_args(tiny_lm, write_pairs(tmp_path / "pairs.jsonl"), run, tmp_path / "c.sqlite")) == 0
+    steps = {"max_steps": "150", "per_device_train_batch_size": "8", "learning_rate": "1e-2"}
+    steps |= {"lr_scheduler_type": "constant", "save_strategy": "no", "logging_steps": "50", "online_min_words": "1"}
+    assert main(ric_args(model, dataset, run, tmp_path / "c.sqlite", **steps)) == 0
     manifest = json.loads((run / "moalign.json").read_text())
     assert manifest["method"] == "ric" and manifest["model"] == "stages/online_1"
     assert manifest["stats"]["names"] == ["length", "vader"]
@@ -143,8 +164,20 @@ def test_ric_end_to_end_and_steering(tiny_lm, tmp_path):
     assert policy.prepare_prompt("\n\nHuman: hi\n\nAssistant:", np.array([1.0, 0.0])).endswith(
         f"<length> {high[0]:.1f} <vader> {low[1]:.1f} \n\nAssistant:"
     )
-    responses = policy.generate(["\n\nHuman: hi\n\nAssistant:"] * 2, [0.3, 0.7])
-    assert len(responses) == 2 and all(isinstance(r, str) for r in responses)
+
+    # Raising a weight raises its objective: 16 sampled answers (4 prompts × 4 seeds) per preference.
+    prompts = [row["prompt"] for row in STEERING[::8]] * 4
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=11)
+    objectives = build_all(["length", "vader"])
+
+    def means(weights: list[float]) -> np.ndarray:
+        answers = policy.generate(prompts, weights, params)
+        return np.array([np.mean(objective.score(prompts, answers)) for objective in objectives])
+
+    wants_length, wants_vader = means([1.0, 0.0]), means([0.0, 1.0])
+    # Trained on 2- and 9-word answers and on VADER scores of −0.54 to 0.62: effects of about 5 words and 0.9.
+    assert wants_length[0] - wants_vader[0] > 2.5, (wants_length, wants_vader)
+    assert wants_vader[1] - wants_length[1] > 0.4, (wants_length, wants_vader)
 
 
 def test_ric_resumes_an_interrupted_offline_stage(tiny_lm, tmp_path, monkeypatch):
