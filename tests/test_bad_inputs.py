@@ -208,6 +208,11 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     ),
     ("paretohqd distance", lambda w: method(w, "paretohqd", str(w.samples), "--distance", "far"), "distance 'far'"),
     ("preferences twice", lambda w: method(w, "paretohqd", str(w.samples), "--preferences", "1,0", "1,0"), "twice"),
+    # serving
+    ("serve port", lambda w: ["serve", str(w.run), "--port", "99999"], "--port must be between 1 and 65535"),
+    ("serve open host without key", lambda w: ["serve", str(w.run), "--host", "0.0.0.0"], "--insecure-no-key"),
+    ("serve unfinished run", lambda w: ["serve", unfinished_run(w), "--port", "1"], "--allow_incomplete"),
+    ("serve upstream url", lambda w: ["serve", str(w.run), "--upstream", "localhost:1"], "http:// or https://"),
     # evaluation and generation
     ("eval no run", lambda w: ["eval", w.path("no-run")], "does not exist"),
     ("eval not a run", lambda w: ["eval", str(w.root)], "is not a run directory"),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+from dataclasses import dataclass, field
 
 from moalign.errors import MoalignError
 from moalign.serve.app import ServeConfig, create_app, uvicorn_options
@@ -14,36 +14,47 @@ log = logging.getLogger("moalign.serve")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def parse_config(argv: list[str]) -> tuple[str, ServeConfig, str]:
-    parser = argparse.ArgumentParser(
-        prog="moalign serve", description="Serve a run over an OpenAI-compatible HTTP API, the preference per request."
+@dataclass
+class ServeArguments:
+    """`moalign serve RUN_DIR`: what the command line sets (flags in snake_case; kebab-case works too)."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (default: loopback only)"})
+    port: int = 8000
+    api_key: str | None = field(
+        default=None, metadata={"help": "require 'Authorization: Bearer KEY' (or $MOALIGN_API_KEY)"}
     )
-    parser.add_argument("run_dir", help="a run directory (one with moalign.json)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $MOALIGN_API_KEY)")
-    parser.add_argument("--insecure-no-key", action="store_true", help="allow a non-loopback --host without an API key")
-    parser.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask")
-    parser.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt accepted, in tokens")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather concurrent requests")
-    parser.add_argument("--max-batch", type=int, default=64, help="most rows generated together")
-    parser.add_argument("--no-batching", action="store_true", help="generate every request alone")
-    parser.add_argument("--model-name", default=None, help="model id clients send (default: run directory name)")
-    parser.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send its headers")
-    parser.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client has to send its body")
-    parser.add_argument(
-        "--upstream",
+    insecure_no_key: bool = field(default=False, metadata={"help": "allow a non-loopback --host without an API key"})
+    max_tokens_cap: int = field(default=512, metadata={"help": "largest max_tokens a request may ask"})
+    max_prompt_tokens: int = field(default=1024, metadata={"help": "longest prompt accepted, in tokens"})
+    batch_wait_ms: float = field(default=5.0, metadata={"help": "how long to gather concurrent requests"})
+    max_batch: int = field(default=64, metadata={"help": "most rows generated together"})
+    no_batching: bool = field(default=False, metadata={"help": "generate every request alone"})
+    model_name: str | None = field(
+        default=None, metadata={"help": "model id clients send (default: run directory name)"}
+    )
+    header_timeout: float = field(default=10.0, metadata={"help": "seconds a client has to send its headers"})
+    body_timeout: float = field(default=30.0, metadata={"help": "seconds a client has to send its body"})
+    upstream: str | None = field(
         default=None,
-        metavar="URL",
-        help="an OpenAI-compatible server (vLLM, SGLang, transformers serve) to generate with, e.g. "
-        "http://127.0.0.1:8001/v1; `moalign export` prints the command that starts one for this run",
+        metadata={
+            "help": "an OpenAI-compatible server (vLLM, SGLang, transformers serve) to generate with, e.g. "
+            "http://127.0.0.1:8001/v1; `moalign export` prints the command that starts one for this run"
+        },
     )
-    parser.add_argument(
-        "--upstream-api-key", default=None, help="key the upstream requires (or $MOALIGN_UPSTREAM_API_KEY)"
+    upstream_api_key: str | None = field(
+        default=None, metadata={"help": "key the upstream requires (or $MOALIGN_UPSTREAM_API_KEY)"}
     )
-    parser.add_argument("--upstream-timeout", type=float, default=120.0, help="seconds to wait for the upstream")
-    parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
+    upstream_timeout: float = field(default=120.0, metadata={"help": "seconds to wait for the upstream"})
+    allow_incomplete: bool = field(default=False, metadata={"help": "serve an unfinished per-preference run"})
+    log_level: str = "info"
+
+
+def parse_config(argv: list[str]) -> tuple[ServeArguments, ServeConfig]:
+    from moalign.methods.common import parse_config as parse_arguments
+
+    args = parse_arguments(
+        ServeArguments, argv, required=(), positionals=[("run_dir", None, "a run directory (one with moalign.json)")]
+    )
     if args.max_tokens_cap < 1 or args.max_prompt_tokens < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
         raise MoalignError("--max-tokens-cap, --max-prompt-tokens and --max-batch must be ≥ 1, --batch-wait-ms ≥ 0")
     if not 0 < args.port < 65536:
@@ -75,7 +86,7 @@ def parse_config(argv: list[str]) -> tuple[str, ServeConfig, str]:
         upstream_api_key=args.upstream_api_key or os.environ.get("MOALIGN_UPSTREAM_API_KEY") or None,
         upstream_timeout_s=args.upstream_timeout,
     )
-    return args.run_dir, config, args.log_level
+    return args, config
 
 
 def cli(argv: list[str]) -> None:
@@ -83,8 +94,9 @@ def cli(argv: list[str]) -> None:
 
     from moalign.policy import load_policy
 
-    run_dir, config, log_level = parse_config(argv)
-    policy = load_policy(run_dir)
+    args, config = parse_config(argv)
+    run_dir, log_level = args.run_dir, args.log_level
+    policy = load_policy(run_dir, allow_incomplete=args.allow_incomplete)
     if config.upstream is not None:
         missing = [str(path) for path in policy.model_paths().values() if not path.exists()]
         if missing:
