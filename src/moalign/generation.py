@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -319,50 +318,3 @@ class _Decoder:
                 )
             )
         return completions
-
-
-def vllm_available() -> bool:
-    """vLLM is used only when it is installed and a GPU is present."""
-    if not torch.cuda.is_available() or os.environ.get("MOALIGN_NO_VLLM"):
-        return False
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def generate_vllm(model_path: str, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
-    """The same contract through vLLM (one sampling setting for the batch; seeds per request)."""
-    from vllm import LLM
-    from vllm import SamplingParams as VLLMParams
-
-    llm = LLM(model=model_path)
-    outputs = llm.generate(
-        list(prompts),
-        [
-            VLLMParams(
-                max_tokens=params.max_new_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                stop=params.stop or None,
-                seed=params.seed,
-                logprobs=1,
-            )
-        ]
-        * len(prompts),
-    )
-    completions = []
-    for output in outputs:
-        choice = output.outputs[0]
-        logprobs = [entry[token].logprob for entry, token in zip(choice.logprobs or [], choice.token_ids)]
-        completions.append(
-            Completion(
-                text=choice.text,
-                token_ids=list(choice.token_ids),
-                logprobs=logprobs,
-                finish_reason="stop" if choice.finish_reason == "stop" else "length",
-                prompt_tokens=len(output.prompt_token_ids),
-            )
-        )
-    return completions
