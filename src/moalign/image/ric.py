@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from moalign import distributed
 from moalign.errors import MoalignError, first_line
 from moalign.image.data import load_images
 from moalign.image.pipeline import conditioned_caption, encode_captions, load_pipeline, to_latents, to_pixels
@@ -265,19 +266,20 @@ def train_denoiser(
     if config.use_peft:
         unet.fuse_lora()
         unet.unload_lora()
-    save_denoiser(unet, final_dir, stats)
-    shutil.rmtree(stage_dir, ignore_errors=True)
+    distributed.run_on_main(save_denoiser, unet, final_dir, stats, stage_dir)  # one writer under DDP
     return stats
 
 
-def save_denoiser(unet, final_dir: Path, stats: dict[str, Any]) -> None:
-    """Save atomically with the stage marker inside: a folder that exists is complete."""
+def save_denoiser(unet, final_dir: Path, stats: dict[str, Any], stage_dir: Path) -> None:
+    """Save atomically with the stage marker inside (a folder that exists is complete), then drop the stage's
+    checkpoints."""
 
     def write(tmp: Path) -> None:
         unet.save_pretrained(tmp)
         (tmp / STAGE_MARKER).write_text(json.dumps(stats))
 
     atomic_write(final_dir, write)
+    shutil.rmtree(stage_dir, ignore_errors=True)
 
 
 # --- the recipe -------------------------------------------------------------------------------------------
@@ -354,8 +356,9 @@ class RiCImageRecipe:
             self.stages[name] = done
             return final
         folder = self.run_dir / "data" / name
-        if not (folder / "metadata.jsonl").exists():
-            self.generate_online(k, denoiser, offline, stats, folder)
+        with distributed.main_first():
+            if not (folder / "metadata.jsonl").exists():
+                self.generate_online(k, denoiser, offline, stats, folder)
         # The buffer grows: every earlier iteration's kept images stay in.
         kept = [self._online_rows(self.run_dir / "data" / f"online_{j}") for j in range(1, k + 1)]
         z_offline = offline[[f"z_{n}" for n in self.names]].to_numpy()
@@ -424,7 +427,8 @@ class RiCImageRecipe:
         self.stages[f"generate_{k}"] = {"seconds": seconds, "images": len(images), "kept": int(kept.sum())}
 
     def run(self) -> Path:
-        offline = self.prepare()  # checks data and scores before anything is written
+        with distributed.main_first():  # the main process scores and writes; the others read its parquet
+            offline = self.prepare()  # checks data and scores before anything is written
         stats = NormStats.fit(offline, self.names)
         denoiser = self.offline_stage(offline)
         stage_models = {"offline": str(denoiser.relative_to(self.run_dir))}
