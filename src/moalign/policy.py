@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -220,20 +220,33 @@ class PerPreferencePolicy(Policy):
 
     def _complete(self, prompts, weights, params, on_tokens=None):
         chosen = [self.nearest(self.check_weights(w)) for w in weights]
-        results: list[Completion | None] = [None] * len(prompts)
-        for index in sorted(set(chosen)):
-            rows = [i for i, c in enumerate(chosen) if c == index]
-            model, tokenizer = self.model_for(index)
-            outputs = generate(
-                model,
-                tokenizer,
-                [prompts[i] for i in rows],
-                [params[i] for i in rows],
-                on_tokens=rows_callback(on_tokens, rows),
-            )
-            for i, output in zip(rows, outputs):
-                results[i] = output
-        return results  # type: ignore[return-value]
+        return generate_by_model(chosen, self.model_for, prompts, params, on_tokens)
+
+
+def generate_by_model(
+    keys: Sequence[Hashable],
+    model_for: Callable[[Any], tuple[Any, Any]],
+    prompts: Sequence[str],
+    params: Sequence[SamplingParams],
+    on_tokens: TokenCallback | None = None,
+) -> list[Completion]:
+    """Generate each row with the model its key selects: rows sharing a model are one batch, results in order.
+
+    `model_for(key)` gives (model, tokenizer); keys are visited in order of first appearance."""
+    results: list[Completion | None] = [None] * len(prompts)
+    for key in dict.fromkeys(keys):
+        rows = [i for i, k in enumerate(keys) if k == key]
+        model, tokenizer = model_for(key)
+        outputs = generate(
+            model,
+            tokenizer,
+            [prompts[i] for i in rows],
+            [params[i] for i in rows],
+            on_tokens=rows_callback(on_tokens, rows),
+        )
+        for i, output in zip(rows, outputs):
+            results[i] = output
+    return results  # type: ignore[return-value]
 
 
 def rows_callback(on_tokens: TokenCallback | None, rows: Sequence[int]) -> TokenCallback | None:

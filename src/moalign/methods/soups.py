@@ -25,10 +25,10 @@ import torch
 
 from moalign import distributed
 from moalign.errors import MoalignError, first_line
-from moalign.generation import Completion, generate, load_model, prepare_tokenizer
+from moalign.generation import Completion, load_model, prepare_tokenizer
 from moalign.methods.common import finished_stage, parse_config, training_totals, write_run_manifest
 from moalign.models import adapter_base, load_tokenizer, pick_device
-from moalign.policy import Policy, rows_callback
+from moalign.policy import Policy, generate_by_model
 from moalign.run import MANIFEST, atomic_path, read_manifest
 
 # config fields that must agree for two models' weights to be averaged
@@ -290,20 +290,7 @@ class SoupPolicy(Policy):
 
     def _complete(self, prompts, weights, params, on_tokens=None) -> list[Completion]:
         keys = [self.key(w) for w in weights]
-        results: list[Completion | None] = [None] * len(prompts)
-        for key in dict.fromkeys(keys):
-            rows = [i for i, k in enumerate(keys) if k == key]
-            model = self.model_for(key)
-            outputs = generate(
-                model,
-                self.tokenizer,
-                [prompts[i] for i in rows],
-                [params[i] for i in rows],
-                on_tokens=rows_callback(on_tokens, rows),
-            )
-            for i, output in zip(rows, outputs):
-                results[i] = output
-        return results  # type: ignore[return-value]
+        return generate_by_model(keys, lambda key: (self.model_for(key), self.tokenizer), prompts, params, on_tokens)
 
 
 def parse_soups_config(argv: list[str]) -> SoupsConfig:
