@@ -8,6 +8,7 @@ seed, under one preference); an engine generates it (`NativeEngine`: the run's m
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
@@ -92,6 +93,10 @@ class Server:
         self.policy, self.config = policy, config
         self.model_id = config.model_id or Path(getattr(policy, "run_dir", "run")).resolve().name
         self.tokenizer = policy.load_tokenizer()
+        if self.tokenizer is None and getattr(policy, "tokenizer", None) is not None:
+            # A policy without model folders of its own (a soup) still has the tokenizer it generates with:
+            # a copy, since the worker thread uses the original and a fast tokenizer is not thread-safe.
+            self.tokenizer = copy.deepcopy(policy.tokenizer)
         if self.tokenizer is None:
             log.warning("no tokenizer found for %s: prompt lengths are counted in bytes", policy.run_dir)
         self.context = policy.context_length()
@@ -424,7 +429,7 @@ class HeaderTimeoutProtocol(H11Protocol):
 def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
     """uvicorn settings that enforce `config`'s header timeout (pass them to `uvicorn.Config`)."""
     protocol = type("HeaderTimeout", (HeaderTimeoutProtocol,), {"header_timeout_s": config.header_timeout_s})
-    return {"http": protocol, "timeout_keep_alive": 5}
+    return {"http": protocol}
 
 
 # ----------------------------------------------------------------------------- the app
