@@ -182,3 +182,17 @@ def test_sampler_draws_from_the_models_distribution(peaked_lm, temperature, top_
     assert all(expected[token] > 0 for token in counts)  # nothing outside the nucleus, ever
     assert chi_square_p(counts, expected, n) > 1e-3
     assert chi_square_p(counts, target_distribution(logits, temperature * 1.25, top_p), n) < 1e-6
+
+
+def test_static_cache_decoding_gives_what_dynamic_decoding_gives(lm, monkeypatch):
+    """The GPU's decode path (a static KV cache, fixed shapes, finished rows kept but no longer read) run on
+    the CPU without compiling: the same tokens and log-probabilities as the CPU's dynamic path."""
+    model, tokenizer = lm
+    rows = [sampled(1, 4), sampled(7), SamplingParams(max_new_tokens=9, temperature=0), sampled(3, 20)]
+    dynamic = generate(model, tokenizer, PROMPTS, rows)
+    monkeypatch.setattr("moalign.generation.static_decoding", lambda device: True)
+    static = generate(model, tokenizer, PROMPTS, rows)
+    assert [c.token_ids for c in static] == [c.token_ids for c in dynamic]
+    assert [c.finish_reason for c in static] == [c.finish_reason for c in dynamic]
+    for a, b in zip(static, dynamic):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)

@@ -10,13 +10,15 @@ are prefilled in length-sorted batches with a KV cache; each decode step does no
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, first_line
 from moalign.models import ModelOptions, load_for_generation, pick_device  # noqa: F401  (pick_device: re-exported)
 
 
@@ -105,6 +107,20 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 SYNC_EVERY = 8  # decode steps between host syncs: bookkeeping, streaming and dropping finished rows
+log = logging.getLogger("moalign")
+
+
+def static_decoding(device: torch.device) -> bool:
+    """Whether to decode with a static KV cache and fixed shapes, replayed as CUDA graphs: on a GPU, where
+    the per-step launch work of a small batch costs more than its compute. (A CPU gains nothing from it.)"""
+    return device.type == "cuda"
+
+
+def _compiled_forward(model):
+    """`model.forward` compiled once per model (mode reduce-overhead: CUDA graphs) for the decode step."""
+    if getattr(model, "_moalign_decode", None) is None:
+        model._moalign_decode = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    return model._moalign_decode
 
 
 @torch.inference_mode()
@@ -177,7 +193,9 @@ class _Decoder:
         self.want_top = max(p.top_logprobs for p in params)
         self.sampling = any(p.temperature > 0 for p in params)
         self.nucleus = any(p.temperature > 0 and p.top_p < 1 for p in params)
-        self.active = list(range(rows))  # batch rows still decoding; every per-row tensor shrinks with it
+        self.active = list(range(rows))  # the batch row of each tensor row; tensors shrink with it
+        self.live = list(range(rows))  # tensor rows still decoding (static decoding keeps finished ones)
+        self.static = static_decoding(device)
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.logps: list[list[float]] = [[] for _ in range(rows)]
         self.tops: list[list[dict[str, float]]] = [[] for _ in range(rows)]
@@ -205,11 +223,19 @@ class _Decoder:
 
     def run(self) -> list[Completion]:
         positions = (self.mask[:, : self.width].cumsum(-1) - 1).clamp(min=0)
+        cache, forward = {}, self.model
+        if self.static:  # fixed shapes throughout: a cache of the whole decode, the whole mask every step
+            from transformers import StaticCache
+
+            cache = {self.cache_name: StaticCache(config=self.model.config, max_cache_len=self.mask.size(1))}
+            if self.mask.device.type == "cuda":
+                forward = _compiled_forward(self.model)
         out = self.model(
             input_ids=self.input_ids,
-            attention_mask=self.mask[:, : self.width],
+            attention_mask=self.mask if self.static else self.mask[:, : self.width],
             position_ids=positions,
             use_cache=True,
+            **cache,
             **self.last_only,
         )
         cache, logits = getattr(out, self.cache_name), out.logits[:, -1]
@@ -227,22 +253,33 @@ class _Decoder:
             ):
                 finished = self.sync(synced, step + 1)
                 synced = step + 1
-                if len(finished) == len(self.active):
+                if len(finished) == len(self.live):
                     break
                 if finished:
                     cache = self.drop(finished, cache)
-                # every active row has sampled step + 1 tokens: the next to reach its length does so here
-                next_limit = min(self.params[row].max_new_tokens for row in self.active)
-            choice = self.sampled[:, step]
-            out = self.model(
-                input_ids=choice[:, None],
-                attention_mask=self.mask[:, : self.width + step + 1],
+                # every live row has sampled step + 1 tokens: the next to reach its length does so here
+                next_limit = min(self.params[self.active[j]].max_new_tokens for j in self.live)
+            inputs = dict(
+                input_ids=self.sampled[:, step, None],
+                attention_mask=self.mask if self.static else self.mask[:, : self.width + step + 1],
                 position_ids=(self.next_position + step)[:, None],
                 use_cache=True,
-                **{self.cache_name: cache},
             )
+            out = self.decode(forward, inputs, cache)
             cache, logits = getattr(out, self.cache_name), out.logits[:, -1]
         return self.completions()
+
+    def decode(self, forward, inputs: dict[str, Any], cache):
+        """One decode step; a compiled step that fails falls back to the eager forward (said once)."""
+        if forward is self.model:
+            return forward(**inputs, **{self.cache_name: cache})
+        try:
+            torch.compiler.cudagraph_mark_step_begin()
+            return forward(**inputs, **{self.cache_name: cache})
+        except Exception as error:  # a model torch.compile cannot capture still generates, eagerly
+            log.warning(f"generation: compiled decoding failed ({first_line(error)}); decoding eagerly")
+            self.model._moalign_decode = self.model.forward
+            return self.model(**inputs, **{self.cache_name: cache})
 
     def record(self, step: int, logits: torch.Tensor) -> None:
         """Sample step `step`'s tokens and keep them and their log-probabilities on the device."""
@@ -265,7 +302,8 @@ class _Decoder:
         if self.want_top:
             top_values, top_ids = self.top_values[:, start:stop].tolist(), self.top_ids[:, start:stop].tolist()
         finished = set()
-        for j, row in enumerate(self.active):
+        for j in self.live:
+            row = self.active[j]
             params, new = self.params[row], chunk[j]
             end = min(len(new), params.max_new_tokens - len(self.tokens[row]))
             if self.eos in new[:end]:
@@ -288,7 +326,11 @@ class _Decoder:
         return finished
 
     def drop(self, finished: set[int], cache):
-        """Finished rows leave the batch with their KV cache rows: they stop costing compute."""
+        """Finished rows leave the batch with their KV cache rows: they stop costing compute. Static decoding
+        keeps every shape (and so its captured graphs) and only stops reading them."""
+        if self.static:
+            self.live = [j for j in self.live if j not in finished]
+            return cache
         keep = [j for j in range(len(self.active)) if j not in finished]
         index = torch.tensor(keep, device=self.mask.device)
         cache.batch_select_indices(index)
@@ -297,6 +339,7 @@ class _Decoder:
         if self.want_top:
             self.top_values, self.top_ids = self.top_values[index], self.top_ids[index]
         self.active = [self.active[j] for j in keep]
+        self.live = list(range(len(self.active)))
         return cache
 
     def completions(self) -> list[Completion]:
