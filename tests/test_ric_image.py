@@ -297,6 +297,7 @@ def test_resume_after_an_interrupted_stage(setup, tmp_path):
     assert (run / "data" / "offline.parquet").stat().st_mtime_ns == prepared  # not scored again
     assert not (run / "checkpoints" / "offline").exists()
     assert json.loads((run / "moalign.json").read_text())["training"]["stages"]["offline"]["resumed_from"] >= 4
+    assert main(["ric-image", *argv, "--caption_dropout", "0.2"]) == 2  # other settings: refused, not mixed
 
 
 def _folder(tmp_path: Path, rows: list[dict], images: dict[str, Image.Image | bytes]) -> Path:

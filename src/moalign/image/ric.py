@@ -23,7 +23,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,12 @@ from moalign.methods.common import (
     training_totals,
     write_run_manifest,
 )
-from moalign.methods.ric import MAPPINGS, QUANTILE_LEVELS, RewardTemplate, mors_filter, sample_targets
+from moalign.methods.ric import MAPPINGS, RewardTemplate, mapping_settings, mors_filter, sample_targets
 from moalign.models import pick_device
 from moalign.objectives import build_all
 from moalign.objectives.image import ImageResponse
 from moalign.objectives.python import PythonFunction
-from moalign.run import atomic_path, atomic_write, atomic_write_parquet
+from moalign.run import atomic_path, atomic_write, atomic_write_parquet, claim_run_dir, result_settings
 from moalign.scores import NormStats, score
 
 log = logging.getLogger("moalign")
@@ -324,9 +324,17 @@ class RiCImageRecipe:
     def score_images(self, captions: list[str], images: list) -> dict[str, np.ndarray]:
         return score(self.objectives, captions, [ImageResponse(i) for i in images], cache=self.cache)
 
+    def claim(self) -> None:
+        """Make the run directory this config's: a rerun with settings that change the result refuses in one
+        line (after the data and scores are checked, so that bad input leaves nothing behind)."""
+        if distributed.is_main():
+            overwrite = getattr(self.config, "overwrite", False)
+            claim_run_dir(self.run_dir, "ric-image", result_settings(self.config), overwrite)
+
     def prepare(self) -> pd.DataFrame:
         path = self.run_dir / "data" / "offline.parquet"
         if path.exists():
+            self.claim()
             return pd.read_parquet(path)
         captions = list(self.images["caption"])
         raw = self.score_images(captions, [row["image"] for row in self.images])
@@ -335,6 +343,7 @@ class RiCImageRecipe:
         frame = pd.DataFrame({"row": np.arange(len(captions)), "caption": captions})
         for i, name in enumerate(self.names):
             frame[name], frame[f"z_{name}"] = raw[name], z[:, i]
+        self.claim()
         atomic_write_parquet(frame, path)
         return frame
 
@@ -445,13 +454,7 @@ class RiCImageRecipe:
             stage_models=stage_models,
             sampling=sampling_fields(self.config),
             stats=stats.to_dict(),
-            ric={
-                "template": asdict(self.template),
-                "mapping": self.config.preference_mapping,
-                "low": z.min(axis=0).tolist(),
-                "high": z.max(axis=0).tolist(),
-                "quantiles": np.quantile(z, QUANTILE_LEVELS, axis=0).tolist(),
-            },
+            ric=mapping_settings(self.template, self.config.preference_mapping, z),
             training=training_totals(self.stages),
         )
         return self.run_dir
