@@ -274,6 +274,24 @@ def test_lora_and_ema_save_a_plain_unet(setup, tmp_path):
     assert changed and all("attn" in k for k in changed)  # LoRA touched the attention projections only
 
 
+def test_mors_iteration_relabels_and_filters(setup, tmp_path):
+    from moalign.methods.ric import mors_filter
+
+    run = tmp_path / "run"
+    argv = ric_argv(setup["root"], setup["base"], setup["corpus"], run, "--max_steps", "2", "--online_iterations", "1")
+    argv += ["--online_prompts", "8", "--offline_mix_samples", "4", "--online_max_steps", "2"]
+    train(parse_config(RiCImageConfig, argv))
+    rows = [json.loads(line) for line in (run / "data" / "online_1" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all((run / "data" / "online_1" / r["file_name"]).exists() for r in rows)
+    z = np.array([[r["z_colorfulness"], r["z_jpeg_compressibility"]] for r in rows])
+    assert [r["kept"] for r in rows] == mors_filter(z, 0.7).tolist()  # relabelled with the scores obtained
+    image = Image.open(run / "data" / "online_1" / rows[0]["file_name"])
+    assert rows[0]["colorfulness"] == pytest.approx(colorfulness(image))
+    manifest = json.loads((run / "moalign.json").read_text())
+    assert manifest["denoiser"] == "stages/online_1"
+    assert manifest["training"]["stages"]["online_1"]["kept"] == sum(r["kept"] for r in rows)
+
+
 # --- resuming and bad input ---------------------------------------------------------------------------------
 
 
