@@ -73,7 +73,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.environ["TESTS_DIR"])
 import moalign.generation
+from moalign import distributed
 from moalign.cli import main
+from moalign.errors import MoalignError
 from test_distributed import install_tracing
 
 rank, trace = int(os.environ["RANK"]), {"batches": [], "runs": []}
@@ -91,6 +93,14 @@ def failing_generate(*args, **kwargs):  # a kill during generation: rank 0 dies 
 
 if fail_after:
     moalign.generation.generate = failing_generate
+else:  # an error on the main process while the other rank waits for it
+    def no_space():
+        raise MoalignError("no space left on device")
+
+    try:
+        distributed.run_on_main(no_space)
+    except MoalignError as error:
+        trace["main_failure"] = str(error)
 code = 0
 try:
     for argv in json.loads(sys.argv[1]):
@@ -260,6 +270,12 @@ def test_loss_curve_matches_one_process_with_the_same_global_batch(launched, nam
     one = runs_of(launched["one_process"], launched["runs"][reference])[0]["losses"]
     assert len(two) == len(one) > 0
     assert two == pytest.approx(one, rel=1e-4)
+
+
+def test_an_error_on_the_main_process_reaches_the_other_rank_in_one_line(launched):
+    first, other = launched["traces"][1]
+    assert first["main_failure"] == "no space left on device"
+    assert other["main_failure"] == "the main process failed: no space left on device"  # not a hang
 
 
 def test_cpu_num_processes_trap_is_warned_in_one_line(tmp_path):
