@@ -12,7 +12,7 @@ import torch
 from moalign.methods.common import load_causal_lm, load_tokenizer
 from moalign.methods.sft import SFTRunConfig
 from moalign.testing import CORPUS
-from moalign.training import LeanSFTTrainer, packing_args, sft_trainer
+from moalign.training import LeanSFTTrainer, packing_args, packs_without_masks, sft_trainer
 
 DATA = datasets.Dataset.from_dict(
     {"prompt": [t.split(" ", 2)[0] for t in CORPUS] * 2, "completion": [" " + t.split(" ", 1)[1] for t in CORPUS] * 2}
@@ -49,12 +49,21 @@ def test_packing_with_sdpa_falls_back_to_length_grouped_batches_and_says_so_once
     assert len(said) == 1 and "attn_implementation=sdpa" in said[0] and "length-grouped" in said[0]
 
 
-@pytest.mark.parametrize("attention", ["flex_attention", "flash_attention_2", "kernels-community/flash-attn"])
+@pytest.mark.parametrize("attention", ["flash_attention_2", "kernels-community/flash-attn"])
 def test_packing_stays_where_attention_is_variable_length(tiny_lm, tmp_path, attention):
     model = load_causal_lm(str(tiny_lm))
     model.config._attn_implementation = attention  # what the loader sets; the kernel itself is not needed here
     args = config(tmp_path, packing=True)
     assert packing_args(args, model) is args
+
+
+def test_flex_attention_packs_on_a_gpu_only(tiny_lm, tmp_path):
+    """PyTorch's flex attention has no backward on a CPU: packing there falls back too."""
+    model = load_causal_lm(str(tiny_lm))
+    model.config._attn_implementation = "flex_attention"
+    assert packs_without_masks("flex_attention", on_gpu=True)
+    if not torch.cuda.is_available():
+        assert packing_args(config(tmp_path, packing=True), model).train_sampling_strategy == "group_by_length"
 
 
 def test_packed_sft_trains_on_padded_length_grouped_batches(tiny_lm, tmp_path, caplog):

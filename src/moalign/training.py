@@ -5,7 +5,8 @@ Two things made TRL's step dear (measured in benchmarks/bench_sft.py and benchma
 - packing without variable-length attention: padding-free batches carry `position_ids` only, and sdpa or
   eager attention then materialise a block-diagonal mask per layer and step (82% of a packed step's GPU
   time on a 1.1B model). Where no variable-length kernel is loaded, length-grouped batches give most of
-  packing's saving (little padding) at a plain step's cost.
+  packing's saving (little padding) at a plain step's cost. Flex attention packs with block-sparse masks on
+  a GPU; on a CPU it cannot train ("FlexAttention does not support backward on CPU", torch 2.13).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import math
 from typing import Any
 
+import torch
 from trl import SFTTrainer
 
 from moalign.models import VARLEN_ATTENTION
@@ -29,10 +31,11 @@ def _say_once(message: str) -> None:
         log.warning(message)
 
 
-def packs_without_masks(attention: str) -> bool:
-    """Whether this attention implementation runs packed sequences as variable-length attention (flash-attention,
-    or a `kernels` hub implementation) or block-sparse masks (flex attention) instead of a dense mask."""
-    return attention in VARLEN_ATTENTION or attention == "flex_attention" or "/" in attention
+def packs_without_masks(attention: str, on_gpu: bool) -> bool:
+    """Whether this attention implementation trains on packed sequences without a dense mask: variable-length
+    kernels (flash-attention, a `kernels` hub implementation), or flex attention's block-sparse masks on a
+    GPU (PyTorch 2.13's flex attention has no backward on a CPU)."""
+    return attention in VARLEN_ATTENTION or "/" in attention or (attention == "flex_attention" and on_gpu)
 
 
 def packing_args(args, model):
@@ -41,12 +44,13 @@ def packing_args(args, model):
     if not (args.packing or args.padding_free):
         return args
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
-    if packs_without_masks(attention):
+    if packs_without_masks(attention, on_gpu=torch.cuda.is_available() and not args.use_cpu):
         return args
     _say_once(
         f"packing: attn_implementation={attention} would materialise a block-diagonal mask for every packed batch "
-        "(the slowest step there is); training on length-grouped batches instead. Install flash-attn and set "
-        "attn_implementation=flash_attention_2 (or flex_attention) to pack."
+        "(the slowest step there is) or cannot train on this device; training on length-grouped batches "
+        "instead. Install flash-attn and set attn_implementation=flash_attention_2 (or flex_attention on a "
+        "GPU) to pack."
     )
     return dataclasses.replace(args, packing=False, padding_free=False, train_sampling_strategy="group_by_length")
 
