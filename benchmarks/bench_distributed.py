@@ -155,7 +155,7 @@ def fsdp2_check(shape_name: str) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="moalign-fsdp2-") as tmp:
         root = Path(tmp)
         gpu.build_model(root / "model", shape)
-        gpu.sft_dataset(shape).to_json(root / "sft.jsonl")
+        gpu.sft_dataset(shape).rename_column("completion", "response").to_json(root / "sft.jsonl")
         gpu.dpo_dataset(shape).to_json(root / "pairs.jsonl")
         common = ["--model_name_or_path", str(root / "model"), "--max_steps", str(shape["steps"]), "--seed", "0"]
         common += ["--per_device_train_batch_size", str(shape["batch"]), "--max_length", str(shape["max_length"])]
