@@ -99,6 +99,20 @@ def preference_to_targets(
     raise MoalignError(f"unknown preference mapping {method!r}; choose one of {', '.join(MAPPINGS)}")
 
 
+def mapping_settings(template: RewardTemplate, mapping: str, z: np.ndarray) -> dict:
+    """What a RiC policy needs to turn a preference into a prompt, from the training data's z-scores: the
+    template, the mapping, each objective's range, and the quantile table of the `quantile` mapping."""
+    from dataclasses import asdict
+
+    return {
+        "template": asdict(template),
+        "mapping": mapping,
+        "low": z.min(axis=0).tolist(),
+        "high": z.max(axis=0).tolist(),
+        "quantiles": np.quantile(z, QUANTILE_LEVELS, axis=0).tolist(),
+    }
+
+
 # --- multi-objective rejection sampling ---------------------------------------------------------------------
 
 

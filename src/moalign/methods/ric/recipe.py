@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,9 @@ from moalign.methods.common import (
 )
 from moalign.methods.ric.conditioning import (
     MAPPINGS,
-    QUANTILE_LEVELS,
     RewardTemplate,
     format_prompt,
+    mapping_settings,
     mors_filter,
     sample_targets,
 )
@@ -223,6 +223,7 @@ class RiCRecipe:
             model_completer(model_dir, config),
             config.generation_chunk_size,
             key=str(model_dir),
+            model_path=model_dir,
         )
         return prompts, completions, generation
 
@@ -277,13 +278,7 @@ class RiCRecipe:
             model=str(model_dir.relative_to(self.run_dir)),
             stage_models=stage_models,
             stats=stats.to_dict(),
-            ric={
-                "template": asdict(self.template),
-                "mapping": self.config.preference_mapping,
-                "low": z.min(axis=0).tolist(),
-                "high": z.max(axis=0).tolist(),
-                "quantiles": np.quantile(z, QUANTILE_LEVELS, axis=0).tolist(),
-            },
+            ric=mapping_settings(self.template, self.config.preference_mapping, z),
             training=training_totals(self.stages),
         )
         return self.run_dir
