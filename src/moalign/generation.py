@@ -75,7 +75,12 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, nucleus: bool = True
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    uniform: torch.Tensor,
+    nucleus: bool = True,
+    greedy: bool = True,
 ) -> torch.Tensor:
     """One token per row by inverting the row's CDF at its own uniform draw: greedy where temperature is 0,
     else from softmax(logits / temperature) cut to the top_p nucleus.
@@ -83,7 +88,8 @@ def sample_tokens(
     The uniform draws come from the row's seeded generator, drawn in bulk before decoding, so sampling
     needs no host work per step and a row's token never depends on the other rows. Rows with top_p = 1
     invert the unsorted distribution (sorting the vocabulary is the costliest part of sampling);
-    `nucleus=False` says no row has top_p < 1 and skips the sort altogether.
+    `nucleus=False` says no row has top_p < 1 and skips the sort altogether; `greedy=False`, that no row has
+    temperature 0.
     """
     last = logits.size(-1) - 1
     probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6)[:, None], dim=-1)
@@ -98,7 +104,7 @@ def sample_tokens(
         kept = sorted_probs.masked_fill(before >= top_p[:, None], 0.0).cumsum(dim=-1)
         position = torch.searchsorted(kept, (uniform * kept[:, -1])[:, None], right=True).clamp(max=last)
         drawn = torch.where(top_p < 1, sorted_ids.gather(1, position).squeeze(1), drawn)
-    return torch.where(temperature == 0, logits.argmax(dim=-1), drawn)
+    return torch.where(temperature == 0, logits.argmax(dim=-1), drawn) if greedy else drawn
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -193,6 +199,7 @@ class _Decoder:
         self.want_top = max(p.top_logprobs for p in params)
         self.sampling = any(p.temperature > 0 for p in params)
         self.nucleus = any(p.temperature > 0 and p.top_p < 1 for p in params)
+        self.greedy = any(p.temperature == 0 for p in params)
         self.active = list(range(rows))  # the batch row of each tensor row; tensors shrink with it
         self.live = list(range(rows))  # tensor rows still decoding (static decoding keeps finished ones)
         self.static = static_decoding(device)
@@ -285,7 +292,9 @@ class _Decoder:
         """Sample step `step`'s tokens and keep them and their log-probabilities on the device."""
         logits = logits.float()
         if self.sampling:
-            choice = sample_tokens(logits, self.temperature, self.top_p, self.uniform[:, step], self.nucleus)
+            choice = sample_tokens(
+                logits, self.temperature, self.top_p, self.uniform[:, step], self.nucleus, self.greedy
+            )
         else:
             choice = logits.argmax(dim=-1)
         self.sampled[:, step] = choice
@@ -326,12 +335,14 @@ class _Decoder:
         return finished
 
     def drop(self, finished: set[int], cache):
-        """Finished rows leave the batch with their KV cache rows: they stop costing compute. Static decoding
-        keeps every shape (and so its captured graphs) and only stops reading them."""
-        if self.static:
-            self.live = [j for j in self.live if j not in finished]
+        """Finished rows stop being read; in chunks they leave the batch with their KV cache rows, and stop
+        costing compute. Static decoding keeps every shape (and so its captured graphs)."""
+        self.live = [j for j in self.live if j not in finished]
+        # Compacting copies the whole cache: wait until an eighth of the batch is done (a done row still costs
+        # its share of each step until then).
+        if self.static or len(self.active) - len(self.live) < max(1, len(self.active) // 8):
             return cache
-        keep = [j for j in range(len(self.active)) if j not in finished]
+        keep = self.live
         index = torch.tensor(keep, device=self.mask.device)
         cache.batch_select_indices(index)
         for name in ("mask", "uniform", "temperature", "top_p", "sampled", "sampled_logp", "next_position"):
