@@ -49,7 +49,12 @@ def offline_only_run(ric_dir: Path, out: Path) -> Path:
     manifest.update(
         model=os.path.relpath(ric_dir / manifest["stage_models"]["offline"], out),
         eval_prompts="eval_prompts.jsonl",
-        training={"seconds": offline["seconds"], "tokens": offline["tokens"], "stages": {"offline": offline}},
+        training={
+            "seconds": offline["seconds"],
+            "tokens": offline["tokens"],
+            "flops": offline.get("flops", 0.0),
+            "stages": {"offline": offline},
+        },
     )
     write_manifest(out, manifest)
     return out
@@ -130,6 +135,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
     shutil.copyfile(ROOT / "fronts.png", HERE / "results" / "fronts.png")
 
     morlhf_seconds = trained.get("morlhf", (None, {}))[1].get("train_seconds")
+    # FLOPs as each run's manifest counted them (moalign.cost): the column that carries over to a 7B model
+    flops = {name: front.get("training", {}).get("flops") for name, front in zip(names, fronts)}
     reference = [round(v, 4) for v in fronts[0]["reference_point"]]
     for name, front in zip(names, fronts):
         info = trained[name][1]
@@ -163,6 +170,17 @@ def run(quick: bool) -> list[dict[str, Any]]:
             }
             if morlhf_seconds:
                 row.update(baseline=round(morlhf_seconds, 1), ratio=round(seconds / morlhf_seconds, 3))
+            rows.append(row)
+        if flops[name]:
+            row = {
+                "section": SECTION,
+                "metric": f"{name}: training FLOPs",
+                "value": float(f"{flops[name]:.4g}"),
+                "unit": "FLOPs",
+                "note": "trained, reference, rollout and generated tokens; baseline: MORLHF",
+            }
+            if flops.get("morlhf"):
+                row.update(baseline=float(f"{flops['morlhf']:.4g}"), ratio=round(flops[name] / flops["morlhf"], 3))
             rows.append(row)
     rows.append(
         {

@@ -292,10 +292,17 @@ def data_shape(
     return shape
 
 
+def _batch(config: Any) -> int:
+    """The global batch: per device × accumulation × the processes the estimate assumes (`num_processes`)."""
+    return (
+        config.per_device_train_batch_size * config.gradient_accumulation_steps * getattr(config, "cost_processes", 1)
+    )
+
+
 def _sequences(config: Any, max_steps: int | None, examples: int) -> int:
-    """Sequences one Trainer stage trains on: `max_steps` batches of per-device batch × accumulation (an epoch's
-    last batch holds what is left), or epochs × examples."""
-    batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    """Sequences one Trainer stage trains on: `max_steps` global batches (an epoch's last batch holds what is
+    left), or epochs × examples."""
+    batch = _batch(config)
     steps = config.max_steps if max_steps is None else max_steps
     if not steps or steps <= 0:
         return int(math.ceil(config.num_train_epochs * examples))
@@ -415,7 +422,7 @@ def estimate_morl(config: Any, shape: DataShape) -> Estimate:
     from moalign.methods.ppo import total_steps
 
     recipe, estimate = Recipe(config, shape), Estimate("morl")
-    rollout = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    rollout = _batch(config)  # PPO under a launcher: every rank samples its own rollout
     new = recipe.new_tokens()
     prompt = shape.prompt_tokens
     if recipe.scorers and config.normalization == "zscore":
@@ -510,7 +517,9 @@ ESTIMATORS = {
 
 
 def guess_method(values: dict[str, Any]) -> str:
-    """The method a recipe YAML is for, from the keys only that method has."""
+    """The method a recipe YAML is for, from the keys only that method has (MORLAIF's file: its `morl:` step)."""
+    if isinstance(values.get("morl"), dict):
+        return "morl"
     if "online_iterations" in values or "reward_tags" in values:
         return "ric"
     if "algorithm" in values or "ppo_epochs" in values:
@@ -528,7 +537,7 @@ def estimate(
     rows: int | None = None,
     prompt_tokens: float | None = None,
     response_tokens: float | None = None,
-    overrides: Sequence[str] = (),
+    num_processes: int = 1,
 ) -> tuple[Estimate, DataShape, Any]:
     """Parse a recipe YAML with its method's own config class (so defaults are the method's) and estimate it."""
     import importlib
@@ -541,7 +550,8 @@ def estimate(
     target, estimator = ESTIMATORS[method]
     module, _, name = target.partition(":")
     config_class = getattr(importlib.import_module(module), name)
-    config = parse_config(config_class, ["--config", path, *overrides], section=method)
+    config = parse_config(config_class, ["--config", path], section=method)
+    config.cost_processes = num_processes
     shape = data_shape(config, config.model_name_or_path, rows, prompt_tokens, response_tokens)
     result = estimator(config, shape)
     result.notes.append(
@@ -565,6 +575,7 @@ class CostArguments:
         default=None, metadata={"help": "mean prompt tokens (default: measured or known)"}
     )
     response_tokens: float | None = field(default=None, metadata={"help": "mean response tokens"})
+    num_processes: int = field(default=1, metadata={"help": "data-parallel processes (GPUs): the global batch"})
     json_output: str | None = field(default=None, metadata={"help": "also write the estimate as JSON here"})
 
 
@@ -577,7 +588,11 @@ def cli(argv: list[str]) -> None:
         raise MoalignError(f"gpu {args.gpu!r} is not known; use one of {', '.join(PEAK_TFLOPS)}")
     if not 0 < args.utilisation <= 1:
         raise MoalignError(f"utilisation must be in (0, 1], got {args.utilisation}")
-    result, _, config = estimate(args.recipe, args.method, args.rows, args.prompt_tokens, args.response_tokens)
+    if args.num_processes < 1:
+        raise MoalignError(f"num_processes must be ≥ 1, got {args.num_processes}")
+    result, _, config = estimate(
+        args.recipe, args.method, args.rows, args.prompt_tokens, args.response_tokens, num_processes=args.num_processes
+    )
     rows = [
         {
             "stage": s.name,
@@ -589,7 +604,7 @@ def cli(argv: list[str]) -> None:
     ]
     total = gpu_hours(result.flops, args.gpu, args.utilisation)
     rows.append({"stage": "total", "PFLOPs": f"{result.flops / 1e15:.4g}", "GPU-hours": f"{total:.3g}", "detail": ""})
-    print(f"{result.method} recipe {args.recipe}: policy {config.model_name_or_path}")
+    print(f"{result.method} recipe {args.recipe}: policy {config.model_name_or_path}, {args.num_processes} process(es)")
     print(markdown_table(rows, ["stage", "PFLOPs", "GPU-hours", "detail"]))
     print(f"GPU-hours at {args.utilisation:.0%} of a {args.gpu}'s {PEAK_TFLOPS[args.gpu]:g} TFLOP/s (bf16 dense)")
     for note in result.notes:

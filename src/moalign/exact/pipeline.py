@@ -37,7 +37,7 @@ SIZES = {  # prompts, candidates, Bradley–Terry draws per pair, MODPO steps, R
 }
 
 
-def _common(base_model: str, out: Path, seed: int) -> dict[str, Any]:
+def _common(base_model: str, seed: int) -> dict[str, Any]:
     return {
         "model_name_or_path": base_model,
         "objectives": OBJECTIVES,
@@ -45,7 +45,6 @@ def _common(base_model: str, out: Path, seed: int) -> dict[str, Any]:
         "save_strategy": "no",
         "logging_steps": 20,
         "dataloader_num_workers": 0,
-        "max_length": 160,
         "seed": seed,
         "sample_max_new_tokens": 48,
     }
@@ -53,7 +52,7 @@ def _common(base_model: str, out: Path, seed: int) -> dict[str, Any]:
 
 def write_recipes(out: Path, base_model: str, size: dict[str, int], seed: int) -> dict[str, Path]:
     """One YAML per method: what trains, and what `moalign cost` reads."""
-    common = _common(base_model, out, seed)
+    common = _common(base_model, seed)
     recipes = {
         "modpo": {
             **common,
@@ -66,6 +65,7 @@ def write_recipes(out: Path, base_model: str, size: dict[str, int], seed: int) -
             "per_device_train_batch_size": 16,
             "learning_rate": 1e-3,
             "lr_scheduler_type": "linear",
+            "max_length": 160,
             "output_dir": str(out / "modpo"),
         },
         "ric": {
@@ -79,6 +79,7 @@ def write_recipes(out: Path, base_model: str, size: dict[str, int], seed: int) -
             "learning_rate": 2e-3,
             "lr_scheduler_type": "cosine",
             "warmup_steps": 10,
+            "max_length": 160,
             "output_dir": str(out / "ric"),
         },
         "morl": {
@@ -145,7 +146,11 @@ def train_method(name: str, recipe: Path) -> float:
 
 
 def run_exact(
-    out: Path, quick: bool = False, seed: int = 0, methods: tuple[str, ...] = ("modpo", "ric", "morl")
+    out: Path,
+    quick: bool = False,
+    seed: int = 0,
+    methods: tuple[str, ...] = ("modpo", "ric", "morl"),
+    base_model: str | None = None,
 ) -> dict:
     """Build the task, train the methods, evaluate them exactly; writes exact.json, exact.md and exact_front.png."""
     from moalign.cost import estimate
@@ -157,12 +162,12 @@ def run_exact(
     size = SIZES["quick" if quick else "full"]
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    demo = prepare_task()
+    base_model = base_model or str(prepare_task().base_model)
     task = build_candidate_task(size["prompts"], size["k"], OBJECTIVES, seed=seed + 1)
     task.save(out)
     write_data(out, task, size["draws"], seed)
-    recipes = write_recipes(out, str(demo.base_model), size, seed)
-    base, tokenizer = load_model(str(demo.base_model), device="cpu")
+    recipes = write_recipes(out, base_model, size, seed)
+    base, tokenizer = load_model(base_model, device="cpu")
     ref_logp = candidate_logps(base, tokenizer, task)
     del base
     preferences = parse_preferences(PREFERENCES, 2)
@@ -179,7 +184,8 @@ def run_exact(
         ]
         label = {"modpo": "MODPO", "ric": "RiC (offline)", "morl": "MORLHF (PPO)"}[name]
         row = summarise(label, points, task, ref_logp)
-        counted = float(read_manifest(run_dir)["training"].get("flops", 0.0))
+        training = read_manifest(run_dir)["training"]
+        counted, seconds = float(training.get("flops", 0.0)), float(training.get("seconds", seconds))
         predicted = estimate(str(recipes[name]))[0].flops
         row.update(seconds=seconds, flops=counted, estimated_flops=predicted)
         costs[name] = {"seconds": seconds, "flops": counted, "estimated_flops": predicted}
@@ -236,6 +242,7 @@ class ExactDemoConfig:
     output_dir: str = field(default="runs/demo_exact", metadata={"help": "where the task, runs and results go"})
     quick: bool = field(default=False, metadata={"help": "a smaller task and fewer steps (a smoke run)"})
     seed: int = field(default=0, metadata={"help": "the task's and the training's seed"})
+    base_model: str | None = field(default=None, metadata={"help": "π_ref (default: the demo task's base model)"})
 
 
 def cli(argv: list[str]) -> None:
@@ -243,4 +250,4 @@ def cli(argv: list[str]) -> None:
 
     args = parse_config(ExactDemoConfig, argv, required=(), prog="moalign demo --task exact")
     out = Path(args.output_dir)
-    print_summary(run_exact(out, quick=args.quick, seed=args.seed), out)
+    print_summary(run_exact(out, quick=args.quick, seed=args.seed, base_model=args.base_model), out)

@@ -427,6 +427,7 @@ def generate_stage(
     complete: Callable[[list[str], list[Any]], list[Any]],
     chunk_size: int = 256,
     key: Any = None,
+    model_path: str | Path | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """A generation stage (RiC's MORS, ParetoHqD's stage 2, evaluation): `complete(prompts, params)` over
     every prompt, in chunks saved to `folder` as they are done and shared out between ranks.
@@ -434,7 +435,8 @@ def generate_stage(
     A rerun after a kill generates only the missing chunks (same prompts, settings and `key`, e.g. the
     model's path); rows are seeded one by one, so the completions do not depend on the chunking or on
     which rank made them. Returns the completions in the prompts' order, on every rank, and the stage's
-    statistics (seconds summed over every invocation's chunks, tokens, the main process's wait).
+    statistics (seconds summed over every invocation's chunks, tokens, the main process's wait; with the
+    generating model's `model_path`, its FLOPs: 2·N per prompt and generated token, `moalign.cost`).
     """
     from moalign.generation import Completion
 
@@ -445,6 +447,13 @@ def generate_stage(
     rows, stats = distributed.map_chunks(folder, len(prompts), work, key, chunk_size)
     completions = [Completion(**row) for row in rows]
     stats["tokens"] = sum(len(c.token_ids) for c in completions)
+    if model_path is not None:
+        from moalign.cost import size_from_config
+
+        stats["prefill_tokens"] = sum(c.prompt_tokens for c in completions)
+        stats["generated_tokens"] = stats["tokens"]
+        per_token = size_from_config(str(model_path)).forward_per_token
+        stats["flops"] = per_token * (stats["prefill_tokens"] + stats["generated_tokens"])
     return completions, stats
 
 

@@ -435,6 +435,7 @@ def train_ppo(
             "kl": (ppo.total(batch.kl.sum()) / rows).item(),
             "response_length": (ppo.total(batch.mask.sum()) / rows).item(),
             "tokens": int(ppo.total(batch.attention_mask.sum())),
+            "generated_tokens": int(ppo.total(batch.mask.sum())),
             **losses,
             "seconds": time.perf_counter() - started,
         }
@@ -449,6 +450,12 @@ def train_ppo(
     stats = {
         "seconds": sum(r["seconds"] for r in history),  # every session's steps, resumed or not
         "tokens": sum(r["tokens"] for r in history),
+        # what moalign.cost counts: ppo_epochs passes with gradients over each rollout, two forward passes (the
+        # rollout's log-probs and values, the reference), and the rollout's generation (prefill + sampled tokens)
+        "trained_tokens": config.ppo_epochs * sum(r["tokens"] for r in history),
+        "forward_tokens": 2 * sum(r["tokens"] for r in history),
+        "generated_tokens": sum(r.get("generated_tokens", 0) for r in history),
+        "prefill_tokens": sum(r["tokens"] - r.get("generated_tokens", 0) for r in history),
         "steps": steps,
         "resumed_from_step": start_step,
         "score_first": history[0]["score"] if history else None,

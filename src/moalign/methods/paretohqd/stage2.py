@@ -60,7 +60,7 @@ def generate_stage2(
         return pd.read_parquet(cached), read_json(info_path)
     parts = run_dir / "stage2_parts"
     prompts = stage2_prompts(frame, config.stage2_prompts, config.seed)
-    pieces, generation = [], {"seconds": 0.0, "tokens": 0, "wait_seconds": 0.0}
+    pieces, generation = [], {"seconds": 0.0, "tokens": 0, "wait_seconds": 0.0, "flops": 0.0}
     for m, model_dir in enumerate(stage1_dirs):
         log.info(f"stage 2: {model_dir.name} answers {len(prompts)} prompts")
         # a turn the model invents is not part of its answer
@@ -75,8 +75,10 @@ def generate_stage2(
             model_completer(model_dir, config),
             config.generation_chunk_size,
             key=str(model_dir),
+            model_path=model_dir,
         )
         generation["seconds"] += stats["seconds"]
+        generation["flops"] += stats["flops"]
         generation["wait_seconds"] += stats["wait_seconds"]
         generation["tokens"] += sum(output.prompt_tokens + len(output.token_ids) for output in outputs)
         responses = [output.text.strip() for output in outputs]
@@ -109,6 +111,7 @@ def score_stage2(
     info = {
         "generation_seconds": generation["seconds"],
         "generated_tokens": generation["tokens"],
+        "flops": generation["flops"],  # the representative models' generation (moalign.cost)
         "generation_wait_seconds": generation["wait_seconds"],
         "scoring_seconds": time.perf_counter() - start,
         "prompts": len(prompts),
