@@ -71,7 +71,7 @@ def recipe(tmp_path: Path, name: str, **values) -> Path:
         "max_length": 64,
         "output_dir": str(tmp_path / name),
     }
-    path.write_text(yaml.safe_dump({**common, **values}))
+    path.write_text(yaml.safe_dump({k: v for k, v in {**common, **values}.items() if v is not None}))
     return path
 
 
@@ -143,3 +143,53 @@ def test_cost_command_errors_are_one_line(tmp_path: Path, capsys):
     missing = recipe(tmp_path, "y", model_name_or_path="nobody/no-such-model", dataset="Anthropic/hh-rlhf")
     assert main(["cost", str(missing)]) == 2
     assert "no config for model 'nobody/no-such-model'" in capsys.readouterr().err
+
+
+def test_a_ppo_stage_counts_rollouts_reference_and_generation(tmp_path: Path):
+    """PPO's FLOPs: ppo_epochs trained passes, two forward passes and the generation of every rollout."""
+    from moalign.cost import ModelSize
+
+    model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    config = recipe(
+        tmp_path,
+        "morl",
+        model_name_or_path=str(model),
+        dataset=str(write_data(tmp_path / "d.jsonl", False)),
+        objectives=["length", "brevity"],
+        algorithm="ppo",
+        preferences=["0.5,0.5"],
+        max_steps=2,
+        ppo_epochs=3,
+        max_completion_length=6,
+        temperature=1.0,
+        max_length=None,  # not a field of TRL's GRPOConfig, which MORL's config extends
+    )
+    assert main(["morl", "--config", str(config)]) == 0
+    stage = read_manifest(tmp_path / "morl")["training"]["stages"]["w0.5-0.5"]
+    assert stage["trained_tokens"] == 3 * stage["tokens"] and stage["forward_tokens"] == 2 * stage["tokens"]
+    assert (
+        0 < stage["generated_tokens"] <= 2 * 4 * 7
+        and stage["prefill_tokens"] + stage["generated_tokens"] == stage["tokens"]
+    )
+    size = ModelSize(**stage["parameters"])
+    expected = size.train_per_token() * stage["trained_tokens"] + size.forward_per_token * 3 * stage["tokens"]
+    assert stage["flops"] == pytest.approx(expected)
+
+
+def test_a_generation_stage_counts_prefill_and_generated_tokens(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from moalign.generation import SamplingParams
+    from moalign.methods.common import generate_stage, model_completer
+
+    model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    config = SimpleNamespace(generation_backend="local", generation_base_url=None, generation_batch_size=4)
+    prompts = [" ".join(text.split()[:3]) for text in CORPUS[:6]]
+    params = [SamplingParams(max_new_tokens=5, seed=i) for i in range(len(prompts))]
+    completions, stats = generate_stage(
+        tmp_path / "chunks", prompts, params, model_completer(model, config), key="t", model_path=model
+    )
+    assert stats["prefill_tokens"] == sum(c.prompt_tokens for c in completions) > 0
+    assert stats["generated_tokens"] == sum(len(c.token_ids) for c in completions) > 0
+    n = size_from_config(str(model)).matmul
+    assert stats["flops"] == 2 * n * (stats["prefill_tokens"] + stats["generated_tokens"])
