@@ -7,7 +7,7 @@ Builds a Llama-shaped model with random weights (nothing is downloaded; `1.1b`: 
 one run, as a table and JSON:
 - the measured bf16 matmul peak (the denominator of every "share of peak": 6 · parameters · tokens/s);
 - a plain PyTorch training step (same model, same batches, AdamW, gradient clipping) against moalign's
-  SFT step, unpacked and packed, and the DPO step moalign's MODPO trains with;
+  SFT step, unpacked and packed, and the DPO step of MODPO's recipe;
 - moalign's generation against transformers' `generate` at batch 1, 64 and 256 (same prompts, same
   settings: sampling at temperature 1, 128 new tokens);
 - the peak GPU memory of each.
@@ -236,7 +236,8 @@ def plain_step(model_path: str, batches: list[dict[str, torch.Tensor]], bf16: bo
 
 
 def dpo_step(model_path: str, shape: dict[str, Any], bf16: bool, output_dir: str) -> StepTimes:
-    """The DPO step of moalign's MODPO recipe (TRL's DPOTrainer with MODPO's config), pairs of random words."""
+    """The DPO step of moalign's MODPO recipe (`moalign dpo`: TRL's DPOTrainer with MODPO's config), on pairs
+    of random words; MODPO's own step adds margin columns to the same loss (benchmarks/bench_modpo.py)."""
     from trl import DPOTrainer
 
     from moalign.methods.common import load_causal_lm, load_tokenizer
@@ -368,7 +369,7 @@ def measure(shape_name: str, skip_dpo: bool = False, log: Callable[[str], None] 
             rate = dpo.tokens_per_second()
             rows.append(
                 {
-                    "metric": "DPO step (MODPO's trainer)",
+                    "metric": "DPO step (as MODPO's dpo stage trains)",
                     "value": rate,
                     "unit": "tokens/s",
                     "note": f"{share(rate)} (tokens padded to max_length); {dpo.median * 1e3:.0f} ms per step; "
