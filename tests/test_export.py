@@ -88,7 +88,7 @@ def test_transformers_export_merges_adapters_into_full_models(runs):
     assert main(["export", str(runs["lora"]), str(out), "--for", "transformers"]) == 0
     summary = json.loads((out / EXPORT_MANIFEST).read_text())
     assert summary["models"] == {"w1-0": "w1-0", "w0-1": "w0-1"}
-    assert summary["serve"].endswith("transformers serve --port 8001")
+    assert summary["serve"] == f"(cd {out} && transformers serve --port 8001)"
     ids = torch.tensor([[5, 9, 17, 3]])
     base_logits = AutoModelForCausalLM.from_pretrained(runs["base"])(ids).logits
     for name in ("w1-0", "w0-1"):

@@ -102,7 +102,8 @@ def export(run_dir: str | Path, target: str, out_dir: str | Path, port: int = 80
             for name, path in models.items():
                 (merge_adapter if name in adapters else copy_folder)(path, tmp / name)
                 written[name] = name
-            serve = f"cd {shlex.quote(str(out_dir))} && transformers serve --port {port}"
+            # a subshell, so that the printed `moalign serve` still runs from here
+            serve = f"(cd {shlex.quote(str(out_dir))} && transformers serve --port {port})"
         elif adapters:  # vLLM: one base, one LoRA module per trained preference
             base = next(iter(adapters.values()))
             if Path(base).is_dir():
