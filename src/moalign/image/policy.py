@@ -109,9 +109,11 @@ class ImagePolicy(Policy):
     def __init__(self, manifest: dict[str, Any], run_dir: Path, device: str = "auto"):
         super().__init__({**manifest, "sampling": {}}, run_dir)
         self.sampling = ImageSampling(**manifest.get("sampling", {}))
-        denoiser = manifest.get("denoiser")
+        denoiser, device = manifest.get("denoiser"), pick_device(device)
+        # Half precision on a GPU, as diffusers pipelines are usually run; float32 on the CPU.
+        half = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
         self.pipeline = load_pipeline(
-            str(manifest["base_model"]), self.run_dir / denoiser if denoiser else None, device=pick_device(device)
+            str(manifest["base_model"]), self.run_dir / denoiser if denoiser else None, device=device, dtype=half
         )
 
     def model_paths(self) -> dict[str, Path]:
