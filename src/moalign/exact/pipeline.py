@@ -152,7 +152,16 @@ def run_exact(
     methods: tuple[str, ...] = ("modpo", "ric", "morl"),
     base_model: str | None = None,
 ) -> dict:
-    """Build the task, train the methods, evaluate them exactly; writes exact.json, exact.md and exact_front.png."""
+    """Build the task, train the methods, evaluate them exactly; writes exact.json, exact.md and exact_front.png.
+
+    On the demo's one torch thread: the numbers then depend on the seed, not on the machine's core count."""
+    from moalign.demo.base_model import demo_threads
+
+    with demo_threads():
+        return _run_exact(out, quick, seed, methods, base_model)
+
+
+def _run_exact(out: Path, quick: bool, seed: int, methods: tuple[str, ...], base_model: str | None) -> dict:
     from moalign.cost import estimate
     from moalign.demo.task import prepare_task
     from moalign.generation import load_model
