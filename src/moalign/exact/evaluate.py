@@ -100,28 +100,32 @@ def plot(
     path: str | Path,
     budgets: Sequence[float] = (0.05, 0.2, 0.5, 1.0),
 ) -> Path:
-    """The exact front at several KL budgets (lines) and every method's points (markers, KL in the legend)."""
-    from moalign.exact.front import front_at_kl, reference_point
+    """The exact front at several KL budgets (grey lines, w from (0, 1) to (1, 0)) and every method's points (KL
+    to π_ref in the legend); the axes frame what is drawn."""
+    from moalign.exact.front import front_at_kl
     from moalign.pareto import simplex_grid
     from moalign.report import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5.5))
     grid = simplex_grid(2, 40)
+    shown = []  # everything drawn, so the axes frame it
     for budget in budgets:
         front = front_at_kl(ref_logp, task.rewards[..., :2], grid, budget)
         ax.plot(front[:, 0], front[:, 1], "-", color="0.55", lw=1)
-        ax.annotate(f"KL {budget:g}", front[len(front) // 2], fontsize=7, color="0.35")
-    best = task.rewards[..., :2].max(axis=1).mean(axis=0)
+        ax.annotate(f"KL {budget:g}", front[-1], fontsize=7, color="0.35", xytext=(3, 0), textcoords="offset points")
+        shown.append(front)
     base = expected_rewards(ref_logp, task.rewards)[:2]
     ax.plot(*base, "k*", ms=10, label="π_ref (base model)")
-    ax.plot(*best, "k+", ms=10, label="best candidate per objective")
+    shown.append(base[None])
     for row in rows:
-        matrix = np.asarray([p["rewards"] for p in row["points"]], dtype=float)
+        matrix = np.asarray([p["rewards"] for p in row["points"]], dtype=float)[:, :2]
         ax.plot(matrix[:, 0], matrix[:, 1], "-o", ms=4, lw=1, label=f"{row['name']} (KL ≤ {row['kl_budget']:.2f})")
-    nadir = reference_point(task.rewards)[:2]
-    ax.set_xlim(left=min(nadir[0], base[0]) - 0.05)
-    ax.set_ylim(bottom=min(nadir[1], base[1]) - 0.05)
+        shown.append(matrix)
+    points = np.concatenate(shown)
+    pad = 0.08 * np.maximum(points.max(axis=0) - points.min(axis=0), 1e-3)
+    ax.set_xlim(points[:, 0].min() - pad[0], points[:, 0].max() + 3 * pad[0])
+    ax.set_ylim(points[:, 1].min() - pad[1], points[:, 1].max() + pad[1])
     ax.set_xlabel(f"E[{task.names[0]}] (z)")
     ax.set_ylabel(f"E[{task.names[1]}] (z)")
     ax.set_title("Exact KL-regularised front (grey, per KL budget) and trained policies")

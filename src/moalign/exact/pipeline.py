@@ -180,7 +180,9 @@ def _run_exact(out: Path, quick: bool, seed: int, methods: tuple[str, ...], base
     ref_logp = candidate_logps(base, tokenizer, task)
     del base
     preferences = parse_preferences(PREFERENCES, 2)
-    rows = [summarise("base (π_ref)", [policy_point(ref_logp, task, ref_logp)], task, ref_logp)]
+    # π_ref at each preference: where training starts, so KL(π*_w‖π_ref) is the distance a method should close
+    start_points = [policy_point(ref_logp, task, ref_logp, w, BETA) for w in preferences]
+    rows = [summarise("base (π_ref)", start_points, task, ref_logp)]
     costs: dict[str, dict[str, float]] = {}
     for name in methods:
         seconds = train_method(name, recipes[name])
