@@ -348,9 +348,11 @@ class Recipe:
         return _capped(self.shape.prompt_tokens + extra_prompt_tokens + self.shape.response_tokens, self.config)
 
     def new_tokens(self) -> float:
-        """Generated tokens per response: the data's mean length, capped by the generation limit."""
+        """Generated tokens per response: as given (`--new_tokens`), else the data's mean response length; capped
+        by the generation limit. A policy that answers shorter than its data costs less than this."""
         limit = getattr(self.config, "max_completion_length", None) or self.config.sample_max_new_tokens
-        return min(self.shape.response_tokens, limit)
+        given = getattr(self.config, "cost_new_tokens", None)
+        return min(self.shape.response_tokens if given is None else given, limit)
 
 
 def _objective_name(spec: str) -> str:
@@ -538,6 +540,7 @@ def estimate(
     prompt_tokens: float | None = None,
     response_tokens: float | None = None,
     num_processes: int = 1,
+    new_tokens: float | None = None,
 ) -> tuple[Estimate, DataShape, Any]:
     """Parse a recipe YAML with its method's own config class (so defaults are the method's) and estimate it."""
     import importlib
@@ -551,7 +554,7 @@ def estimate(
     module, _, name = target.partition(":")
     config_class = getattr(importlib.import_module(module), name)
     config = parse_config(config_class, ["--config", path], section=method)
-    config.cost_processes = num_processes
+    config.cost_processes, config.cost_new_tokens = num_processes, new_tokens
     shape = data_shape(config, config.model_name_or_path, rows, prompt_tokens, response_tokens)
     result = estimator(config, shape)
     result.notes.append(
@@ -575,6 +578,9 @@ class CostArguments:
         default=None, metadata={"help": "mean prompt tokens (default: measured or known)"}
     )
     response_tokens: float | None = field(default=None, metadata={"help": "mean response tokens"})
+    new_tokens: float | None = field(
+        default=None, metadata={"help": "mean tokens each generation samples (default: the data's response length)"}
+    )
     num_processes: int = field(default=1, metadata={"help": "data-parallel processes (GPUs): the global batch"})
     json_output: str | None = field(default=None, metadata={"help": "also write the estimate as JSON here"})
 
@@ -591,7 +597,13 @@ def cli(argv: list[str]) -> None:
     if args.num_processes < 1:
         raise MoalignError(f"num_processes must be ≥ 1, got {args.num_processes}")
     result, _, config = estimate(
-        args.recipe, args.method, args.rows, args.prompt_tokens, args.response_tokens, num_processes=args.num_processes
+        args.recipe,
+        args.method,
+        args.rows,
+        args.prompt_tokens,
+        args.response_tokens,
+        num_processes=args.num_processes,
+        new_tokens=args.new_tokens,
     )
     rows = [
         {
