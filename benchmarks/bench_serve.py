@@ -1,14 +1,22 @@
-"""Load test of `moalign serve`: many concurrent clients, with request batching and without.
+"""Load test of `moalign serve`: many concurrent clients, with request batching and without; the router.
 
 The server runs in a subprocess on loopback (as a user would start it); 200 clients (quick: 50) each
 send one completion request (max_tokens 32, its own seed and preference) at once. Reported per mode:
 errors, p50 / p99 latency, requests/s and tokens/s, and the batched / unbatched ratio. The model is
 the embedded demo's base model.
+
+The router (`moalign serve RUN --upstream URL`, another subprocess) is measured against the same
+upstream (moalign's native server) reached directly, with the same requests: the latency it adds one
+request at a time (p50, p99), and its throughput at 200 concurrent clients relative to the upstream's
+(best of three rounds each, alternating, so that both see the same machine load). Native streaming:
+time to the first chunk against time to the last, one request of 64 tokens at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import signal
 import socket
@@ -136,6 +144,77 @@ def measure(run_dir: Path, prompts: list[str], clients: int, limit_s: float, *fl
     return result
 
 
+def request_body(prompt: str, i: int, max_tokens: int, stream: bool = False) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": i, "stream": stream}
+
+
+def sequential_latencies(urls: list[str], prompts: list[str], count: int) -> list[np.ndarray]:
+    """One request at a time, the same request to each url in turn: latencies per url."""
+    latencies: list[list[float]] = [[] for _ in urls]
+    with httpx.Client(timeout=60) as http:
+        for i in range(count):
+            for k, url in enumerate(urls):
+                start = time.perf_counter()
+                response = http.post(f"{url}/v1/completions", json=request_body(prompts[i % len(prompts)], i, 8))
+                response.raise_for_status()
+                latencies[k].append(time.perf_counter() - start)
+    return [np.asarray(values) for values in latencies]
+
+
+def stream_timings(url: str, prompts: list[str], count: int, max_tokens: int) -> tuple[float, float]:
+    """Median seconds to the first text chunk and to the last chunk of a streamed completion."""
+    first, last = [], []
+    with httpx.Client(timeout=60) as http:
+        for i in range(count):
+            start, seen = time.perf_counter(), None
+            body = request_body(prompts[i % len(prompts)], i, max_tokens, stream=True)
+            with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if seen is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                        seen = time.perf_counter() - start
+            first.append(seen if seen is not None else math.nan)
+            last.append(time.perf_counter() - start)
+    return float(np.nanmedian(first)), float(np.median(last))  # nan: a row that sent no text
+
+
+def router_rows(run_dir: Path, prompts: list[str], clients: int, limit_s: float, quick: bool) -> list[dict[str, Any]]:
+    with ServerProcess(run_dir) as upstream, ServerProcess(run_dir, "--upstream", f"{upstream.url}/v1") as router:
+        urls = [upstream.url, router.url]
+        sequential_latencies(urls, prompts, 4)  # warm-up
+        direct, routed = sequential_latencies(urls, prompts, 20 if quick else 60)
+        rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "router": []}
+        for _ in range(3):
+            for name, url in (("direct", upstream.url), ("router", router.url)):
+                rounds[name].append(asyncio.run(load(url, prompts, clients, limit_s)))
+        first, last = stream_timings(upstream.url, prompts, 3 if quick else 7, 64)
+        routed_first, routed_last = stream_timings(router.url, prompts, 3 if quick else 7, 64)
+    best = {name: max(r, key=lambda x: x["requests_per_s"]) for name, r in rounds.items()}
+    added = {q: (np.percentile(routed, q) - np.percentile(direct, q)) * 1000 for q in (50, 99)}
+    note = f"{len(direct)} requests one at a time, max_tokens 8, the same requests direct and routed"
+    return [
+        {"section": "router", "metric": "direct: p50 latency", "value": float(np.percentile(direct, 50)) * 1000, "unit": "ms", "note": note},
+        {"section": "router", "metric": "router: p50 latency", "value": float(np.percentile(routed, 50)) * 1000, "unit": "ms", "note": note},
+        {"section": "router", "metric": "router added latency, p50", "value": float(added[50]), "unit": "ms", "note": "router p50 − direct p50"},
+        {"section": "router", "metric": "direct: p99 latency", "value": float(np.percentile(direct, 99)) * 1000, "unit": "ms", "note": note},
+        {"section": "router", "metric": "router: p99 latency", "value": float(np.percentile(routed, 99)) * 1000, "unit": "ms", "note": note},
+        {"section": "router", "metric": "router added latency, p99", "value": float(added[99]), "unit": "ms", "note": "router p99 − direct p99"},
+        {
+            "section": "router",
+            "metric": f"router / direct: throughput at {clients} clients",
+            "value": best["router"]["requests_per_s"] / best["direct"]["requests_per_s"],
+            "unit": "×",
+            "baseline": best["direct"]["requests_per_s"],
+            "ratio": best["router"]["requests_per_s"] / best["direct"]["requests_per_s"],
+            "note": f"best of 3 rounds each: {best['router']['requests_per_s']:.1f} vs {best['direct']['requests_per_s']:.1f} requests/s; "
+            f"errors {best['router']['errors']} / {best['direct']['errors']} {best['router']['first_error']}",
+        },
+        {"section": "router", "metric": "native stream: first chunk", "value": first * 1000, "unit": "ms", "note": "median; 64 tokens, one request at a time"},
+        {"section": "router", "metric": "native stream: last chunk", "value": last * 1000, "unit": "ms", "note": "median; 64 tokens, one request at a time"},
+        {"section": "router", "metric": "native stream: first / last chunk", "value": first / last, "unit": "×", "note": "chunks leave as tokens are sampled (hand-over every few decode steps)"},
+        {"section": "router", "metric": "routed stream: first / last chunk", "value": routed_first / routed_last, "unit": "×", "note": f"the upstream's chunks passed through; {routed_first * 1000:.0f} / {routed_last * 1000:.0f} ms"},
+    ]  # fmt: skip
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
     clients = 50 if quick else 200
     limit_s = 240.0 if quick else 480.0
@@ -143,6 +222,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         run_dir, prompts = make_run(Path(tmp))
         batched = measure(run_dir, prompts, clients, limit_s)
         alone = measure(run_dir, prompts, clients, limit_s, "--no-batching")
+        routed = router_rows(run_dir, prompts, clients, limit_s, quick)
     rows: list[dict[str, Any]] = []
     for mode, r in (("batched", batched), ("no batching", alone)):
         note = f"{clients} concurrent clients, 1 request each, max_tokens {MAX_TOKENS}; {r['batches']} batches"
@@ -178,7 +258,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             "note": "demo base model; loopback HTTP",
         },
     ]
-    return rows
+    return rows + routed
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from moalign.serve.schemas import ApiError
 
 log = logging.getLogger("moalign.serve")
 
+IN_FLIGHT = 64  # requests to the upstream at once (the native engine batches up to 64 rows)
+
 
 class UpstreamEngine:
     """Sends each row to the upstream; upstream failures become one-line 502 / 504 answers."""
@@ -35,12 +37,15 @@ class UpstreamEngine:
         self.stats = {"requests": 0, "upstream_errors": 0}
 
     async def start(self) -> None:
-        # Retries are left to the client of the router: a retried sampling request would be answered twice.
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        # Every row carries its seed, so a retried request (e.g. on a keep-alive connection the upstream had
+        # just closed) gives the same answer. At most IN_FLIGHT requests and as many connections: httpx's
+        # pool scans its connections for every request, which costs more CPU than the request beyond ~100.
+        limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
+        self.slots = asyncio.Semaphore(IN_FLIGHT)
         self.client = openai.AsyncOpenAI(
             base_url=self.url,
             api_key=self.api_key or "none",
-            max_retries=0,
+            max_retries=2,
             timeout=self.timeout_s,
             http_client=httpx.AsyncClient(limits=limits, timeout=self.timeout_s),
         )
@@ -110,7 +115,8 @@ class UpstreamEngine:
         assert self.client is not None, "the server was not started"
         body = self.request(plan, row, stream=False)
         try:
-            answer = await self.client.completions.create(**body)
+            async with self.slots:
+                answer = await self.client.completions.create(**body)
             if not isinstance(answer, openai.types.Completion):  # the client hands back text it could not parse
                 raise ValueError(f"not a JSON completion object: {str(answer)[:80]!r}")
             choice = answer.choices[0]
@@ -130,7 +136,8 @@ class UpstreamEngine:
         body = self.request(plan, row, stream=True)
         finish, parts, counts = None, [], None
         try:
-            stream = await self.client.completions.create(**body)
+            async with self.slots:
+                stream = await self.client.completions.create(**body)
             async with stream:
                 async for chunk in stream:
                     if chunk.usage is not None:
