@@ -110,6 +110,10 @@ def train_demo_runs(out: Path, configs: Path = SHIPPED_CONFIGS, n_eval_prompts: 
     return timings
 
 
+def _interval(bounds: list[float]) -> str:
+    return f" [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+
+
 def run_demo(out: Path, configs: Path, n_eval_prompts: int, divisions: int) -> Path:
     from moalign.demo.base_model import demo_threads
     from moalign.evaluate import evaluate_runs
@@ -123,11 +127,17 @@ def run_demo(out: Path, configs: Path, n_eval_prompts: int, divisions: int) -> P
         timings["eval"] = time.perf_counter() - t
     steps = ", ".join(f"{step} {seconds:.0f}s" for step, seconds in timings.items())
     print(f"\nmoalign demo finished in {time.perf_counter() - start:.0f}s ({steps})")
-    print(f"{'run':<6} {'hypervolume':>12} {'collapse':>9}  steerability ({', '.join(names)})")
+    print(f"{'run':<6} {'hypervolume [95% interval]':>28} {'collapse':>9}  steerability ({', '.join(names)})")
     for run, result in zip(("base", "sft", "ric"), results):
         # A fixed model's steerability is undefined (its points do not move): shown as n/a.
-        steer = ", ".join("n/a" if np.isnan(s := result["steerability"][n]) else f"{s:+.3f}" for n in names)
-        print(f"{run:<6} {result['hypervolume']:12.4f} {result['collapse_rate']:9.3f}  {steer}")
+        steer = ", ".join(
+            "n/a"
+            if np.isnan(s := result["steerability"][n])
+            else f"{s:+.3f}{_interval(result['steerability_interval'][n])}"
+            for n in names
+        )
+        hv = f"{result['hypervolume']:.4f}{_interval(result['hypervolume_interval'])}"
+        print(f"{run:<6} {hv:>28} {result['collapse_rate']:9.3f}  {steer}")
     print(f"reference point: {np.round(results[0]['reference_point'], 4).tolist()}")
     print(f"report: {out / 'report.html'}\nplot:   {out / 'fronts.png'}")
     return out
