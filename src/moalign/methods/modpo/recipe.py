@@ -174,7 +174,7 @@ def train_preference_stage(
         return done
     args = stage_args(config, stage_dir)
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path)
+    model = load_causal_lm(model_path, config)
     common = dict(model=model, args=args, processing_class=tokenizer, peft_config=lora_config(config))
     if weights is None:
         plain = dataset.remove_columns([c for c in MARGIN_COLUMNS if c in dataset.column_names])
