@@ -45,6 +45,12 @@ SHAPES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+# Trainer options every timed step shares: no checkpoints, logs or progress bars inside the measurement.
+QUIET_TRAINER = dict(
+    gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True
+)
+
+
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -184,11 +190,7 @@ def sft_config(output_dir: str, shape: dict[str, Any], packing: bool, bf16: bool
         completion_only_loss=True,
         learning_rate=1e-5,
         bf16=bf16,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=10**6,
-        disable_tqdm=True,
+        **QUIET_TRAINER,
         seed=0,
         **extra,
     )
@@ -250,11 +252,7 @@ def dpo_step(model_path: str, shape: dict[str, Any], bf16: bool, output_dir: str
         max_steps=shape["steps"] + 1,
         learning_rate=1e-6,
         bf16=bf16,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=10**6,
-        disable_tqdm=True,
+        **QUIET_TRAINER,
     )
     trainer = DPOTrainer(
         model=load_causal_lm(model_path, config),
