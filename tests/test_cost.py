@@ -31,6 +31,8 @@ def test_model_size_counts_linear_layers_and_lora_like_peft(tmp_path: Path):
     peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert measured.trained == peft_trainable == 2 * 4 * (4 * d + 2 * d + 5 * d + 5 * d)
     assert size_from_config(str(path), LoraShape(4, "all-linear")) == measured
+    peft_model.save_pretrained(tmp_path / "adapter")  # an adapter folder is sized by its base (PEFT's config)
+    assert size_from_config(str(tmp_path / "adapter")).matmul == expected
     # LoRA counted honestly: the frozen base still costs 4·N per trained token
     assert measured.train_per_token() == 4 * measured.matmul + 2 * measured.trained
     assert measured.train_per_token() > 0.6 * model_size(model).train_per_token()

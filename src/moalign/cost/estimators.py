@@ -1,37 +1,20 @@
-"""Cost in FLOPs: what every trained stage records beside its seconds, and `moalign cost`, the estimate before a run.
+"""`moalign cost`'s estimate: a recipe's FLOPs per stage from its config, its data's shape and its models' sizes.
 
-    moalign cost CONFIG.yaml [--method ric] [--gpu A100] [--utilisation 0.4]
-
-Conventions (Kaplan et al., 2020, "Scaling laws for neural language models", §2.1), with N the parameters that
-multiply every token (linear layers and the LM head; embedding lookups cost nothing) and N_t those trained:
-- a trained token costs 2·N forward, 2·N backward through the activations and 2·N_t for the weight gradients:
-  6·N when every weight trains; LoRA still pays 4·N for the frozen base (N then includes the adapters), plus
-  2·N for the recomputed forward under gradient checkpointing;
-- a forward-only token (reference model, log-probabilities of a rollout, precomputed reference passes) 2·N;
-- a generated token 2·N (with the KV cache), and each prompt token once at prefill 2·N;
-- a token scored by a model-based objective 2·N_rm; lexical objectives cost nothing here;
-- attention's own FLOPs (about 2·layers·context·width per token) are left out: at 512 tokens on a 7B model they
-  add about 1%.
-GPU-hours = FLOPs / (utilisation × peak), both stated in the output. Model sizes come from the model config
-alone: the model is built on PyTorch's meta device, so no weights are read or downloaded.
+Each method's estimator mirrors what its recipe runs (stages, steps, batch sizes, sequence lengths) with the
+per-token costs of `moalign.cost`; the same counts are what a run records in its manifest, so the two can be
+compared on a real run of the same YAML (tests/test_cost.py, benchmarks/bench_exact.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from moalign.cost.sizes import ModelSize, lora_shape, size_from_config
 from moalign.errors import MoalignError
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "model_configs"
-# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity); H200-measured is the
-# 8192³ bf16 matmul measured on this project's H200 (STACK_NOTES).
-PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H200-measured": 779.0, "V100": 125.0, "L40S": 362.0}
 # Hub datasets the papers' configs name, for estimates without a download: rows of the split and mean tokens
 # per prompt and per response under a Llama-2 tokenizer. Assumptions, not measurements: pass
 # --prompt_tokens / --response_tokens / --rows to use other values.
@@ -39,179 +22,6 @@ KNOWN_DATASETS = {
     "Anthropic/hh-rlhf": {"rows": 160800, "pairs": True, "prompt_tokens": 160, "response_tokens": 70},
     "PKU-Alignment/PKU-SafeRLHF-10K": {"rows": 10000, "pairs": True, "prompt_tokens": 40, "response_tokens": 90},
 }
-
-
-# --------------------------------------------------------------------------------------------- model sizes
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """Parameters that multiply each token (N) and, of those, the trained ones (N_t)."""
-
-    matmul: int
-    trained: int
-
-    def train_per_token(self, recompute: bool = False) -> float:
-        return 4.0 * self.matmul + 2.0 * self.trained + (2.0 * self.matmul if recompute else 0.0)
-
-    @property
-    def forward_per_token(self) -> float:
-        return 2.0 * self.matmul
-
-
-def _linear_layers(model) -> list[tuple[str, Any]]:
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
-
-
-def model_size(model) -> ModelSize:
-    """N and N_t of a model in memory (a PEFT model counts its frozen base and its adapters)."""
-    layers = _linear_layers(model)
-    return ModelSize(
-        matmul=sum(m.weight.numel() for _, m in layers),
-        trained=sum(m.weight.numel() for _, m in layers if m.weight.requires_grad),
-    )
-
-
-def recomputes(model) -> bool:
-    """Whether training recomputes the forward pass (gradient checkpointing, "activation" in transformers 5)."""
-    value = getattr(model, "is_activation_checkpointing", None)  # a PEFT model forwards it to its base
-    return bool(getattr(model, "is_gradient_checkpointing", False) if value is None else value)
-
-
-def stage_flops(
-    size: ModelSize,
-    trained_tokens: float = 0,
-    forward_tokens: float = 0,
-    prefill_tokens: float = 0,
-    generated_tokens: float = 0,
-    recompute: bool = False,
-) -> float:
-    """FLOPs of one model's work in a stage (scoring by other models is added by the caller)."""
-    return trained_tokens * size.train_per_token(recompute) + size.forward_per_token * (
-        forward_tokens + prefill_tokens + generated_tokens
-    )
-
-
-def record_stage_flops(model, stats: dict[str, Any]) -> dict[str, Any]:
-    """Add `flops` and `parameters` to a trained stage's statistics (`finish_stage` calls this for every method).
-
-    Reads the counts a method put in `stats`: `trained_tokens` (default: `tokens`), `forward_tokens`,
-    `prefill_tokens`, `generated_tokens`, and `scoring_flops` already computed for other models."""
-    size = model_size(model)
-    flops = stage_flops(
-        size,
-        trained_tokens=stats.get("trained_tokens", stats.get("tokens", 0)),
-        forward_tokens=stats.get("forward_tokens", 0),
-        prefill_tokens=stats.get("prefill_tokens", 0),
-        generated_tokens=stats.get("generated_tokens", 0),
-        recompute=recomputes(model),
-    )
-    stats["parameters"] = {"matmul": size.matmul, "trained": size.trained}
-    stats["flops"] = flops + stats.get("scoring_flops", 0.0)
-    return stats
-
-
-def generation_stats(model, completions: Sequence[Any]) -> dict[str, Any]:
-    """Prefill and generated tokens of a generation stage and their FLOPs (2·N each)."""
-    size = model_size(model)
-    prefill = int(sum(c.prompt_tokens for c in completions))
-    generated = int(sum(len(c.token_ids) for c in completions))
-    return {
-        "prefill_tokens": prefill,
-        "generated_tokens": generated,
-        "flops": stage_flops(size, prefill_tokens=prefill, generated_tokens=generated),
-    }
-
-
-def scoring_flops(objectives: Sequence[Any], prompts: Sequence[str], responses: Sequence[str]) -> float:
-    """2·N_rm per token each model-based objective reads (its own tokenizer, its own truncation)."""
-    total = 0.0
-    for objective in objectives:
-        model, tokenizer = getattr(objective, "model", None), getattr(objective, "tokenizer", None)
-        if model is None or tokenizer is None or not hasattr(model, "named_modules"):
-            continue  # lexical scorers
-        limit = getattr(objective, "max_length", None)
-        texts = [p + r for p, r in zip(prompts, responses)]
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        tokens = sum(min(n, limit) if limit else n for n in lengths)
-        total += model_size(model).forward_per_token * tokens
-    return total
-
-
-def _shipped_name(name: str) -> Path:
-    return SHIPPED_CONFIGS / f"{name.replace('/', '--')}.json"
-
-
-def model_config(name: str):
-    """A transformers config from a local folder, a config shipped with moalign for the papers' hub models,
-    or the local Hugging Face cache (no download)."""
-    from transformers import AutoConfig
-
-    local = Path(name)
-    if (local / "config.json").exists():
-        return AutoConfig.from_pretrained(str(local))
-    if (local / "adapter_config.json").exists():
-        base = json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return model_config(base)
-    shipped = _shipped_name(name)
-    if shipped.exists():
-        values = {k: v for k, v in json.loads(shipped.read_text()).items() if not k.startswith("_")}
-        return AutoConfig.for_model(values.pop("model_type"), **values)
-    try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except OSError:
-        raise MoalignError(
-            f"no config for model {name!r}: not a local folder, not shipped in {SHIPPED_CONFIGS.name}/, not in the "
-            f"Hugging Face cache; download its config.json into a folder and pass that folder"
-        ) from None
-
-
-@dataclass(frozen=True)
-class LoraShape:
-    r: int
-    target_modules: tuple[str, ...] | str  # "all-linear" or module names
-
-
-def size_from_config(name: str, lora: LoraShape | None = None) -> ModelSize:
-    """N and N_t of a model from its config alone (built on the meta device); LoRA adds r·(in + out) per
-    targeted layer, PEFT's count, and trains only those."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    config = model_config(name)
-    classify = any("SequenceClassification" in a for a in (getattr(config, "architectures", None) or []))
-    with torch.device("meta"):
-        model = (AutoModelForSequenceClassification if classify else AutoModelForCausalLM).from_config(config)
-    layers = _linear_layers(model)
-    base = sum(m.weight.numel() for _, m in layers)
-    if lora is None:
-        return ModelSize(base, base)
-    output = model.get_output_embeddings()
-    adapters = 0
-    for module_name, module in layers:
-        last = module_name.rsplit(".", 1)[-1]
-        targeted = (
-            module is not output
-            if lora.target_modules == "all-linear"
-            else any(last == t or module_name.endswith(f".{t}") for t in lora.target_modules)
-        )
-        if targeted:
-            rows, cols = module.weight.shape
-            adapters += lora.r * (rows + cols)
-    return ModelSize(base + adapters, adapters)
-
-
-def lora_shape(config: Any) -> LoraShape | None:
-    if not getattr(config, "use_peft", False):
-        return None
-    targets = config.lora_target_modules
-    return LoraShape(config.lora_r, tuple(targets) if targets else "all-linear")
-
-
-# --------------------------------------------------------------------------------------------- the estimate
 
 
 @dataclass
@@ -249,10 +59,6 @@ class Estimate:
     @property
     def flops(self) -> float:
         return sum(s.flops for s in self.stages)
-
-
-def gpu_hours(flops: float, gpu: str, utilisation: float) -> float:
-    return flops / (utilisation * PEAK_TFLOPS[gpu] * 1e12) / 3600.0
 
 
 def data_shape(
@@ -348,11 +154,13 @@ class Recipe:
         return _capped(self.shape.prompt_tokens + extra_prompt_tokens + self.shape.response_tokens, self.config)
 
     def new_tokens(self) -> float:
-        """Generated tokens per response: as given (`--new_tokens`), else the data's mean response length; capped
-        by the generation limit. A policy that answers shorter than its data costs less than this."""
+        """Generated tokens per response: as given (`--new_tokens`), else the config's cap (`max_completion_length`
+        for RL rollouts, `sample_max_new_tokens` for a recipe's own generation). How long a policy answers is
+        only known once it runs, so the default is the most it can cost: a policy that stops earlier costs less.
+        """
         limit = getattr(self.config, "max_completion_length", None) or self.config.sample_max_new_tokens
         given = getattr(self.config, "cost_new_tokens", None)
-        return min(self.shape.response_tokens if given is None else given, limit)
+        return float(limit if given is None else min(given, limit))
 
 
 def _objective_name(spec: str) -> str:
@@ -562,78 +370,3 @@ def estimate(
         f"{shape.response_tokens:.1f} response tokens on average ({shape.source})"
     )
     return result, shape, config
-
-
-@dataclass
-class CostArguments:
-    """`moalign cost CONFIG.yaml`: a recipe's FLOPs and GPU-hours before running it."""
-
-    method: str | None = field(
-        default=None, metadata={"help": "sft, ric, morl, modpo or paretohqd (default: from the keys)"}
-    )
-    gpu: str = field(default="A100", metadata={"help": f"peak from the data sheet: {', '.join(PEAK_TFLOPS)}"})
-    utilisation: float = field(default=0.4, metadata={"help": "share of the peak a training run reaches (MFU)"})
-    rows: int | None = field(default=None, metadata={"help": "dataset rows (default: measured or known)"})
-    prompt_tokens: float | None = field(
-        default=None, metadata={"help": "mean prompt tokens (default: measured or known)"}
-    )
-    response_tokens: float | None = field(default=None, metadata={"help": "mean response tokens"})
-    new_tokens: float | None = field(
-        default=None, metadata={"help": "mean tokens each generation samples (default: the data's response length)"}
-    )
-    num_processes: int = field(default=1, metadata={"help": "data-parallel processes (GPUs): the global batch"})
-    json_output: str | None = field(default=None, metadata={"help": "also write the estimate as JSON here"})
-
-
-def cli(argv: list[str]) -> None:
-    from moalign.methods.common import parse_config
-    from moalign.report import markdown_table
-
-    args = parse_config(CostArguments, argv, required=(), positionals=[("recipe", None, "the method's YAML config")])
-    if args.gpu not in PEAK_TFLOPS:
-        raise MoalignError(f"gpu {args.gpu!r} is not known; use one of {', '.join(PEAK_TFLOPS)}")
-    if not 0 < args.utilisation <= 1:
-        raise MoalignError(f"utilisation must be in (0, 1], got {args.utilisation}")
-    if args.num_processes < 1:
-        raise MoalignError(f"num_processes must be ≥ 1, got {args.num_processes}")
-    result, _, config = estimate(
-        args.recipe,
-        args.method,
-        args.rows,
-        args.prompt_tokens,
-        args.response_tokens,
-        num_processes=args.num_processes,
-        new_tokens=args.new_tokens,
-    )
-    rows = [
-        {
-            "stage": s.name,
-            "PFLOPs": f"{s.flops / 1e15:.4g}",
-            "GPU-hours": f"{gpu_hours(s.flops, args.gpu, args.utilisation):.3g}",
-            "detail": s.detail,
-        }
-        for s in result.stages
-    ]
-    total = gpu_hours(result.flops, args.gpu, args.utilisation)
-    rows.append({"stage": "total", "PFLOPs": f"{result.flops / 1e15:.4g}", "GPU-hours": f"{total:.3g}", "detail": ""})
-    print(f"{result.method} recipe {args.recipe}: policy {config.model_name_or_path}, {args.num_processes} process(es)")
-    print(markdown_table(rows, ["stage", "PFLOPs", "GPU-hours", "detail"]))
-    print(f"GPU-hours at {args.utilisation:.0%} of a {args.gpu}'s {PEAK_TFLOPS[args.gpu]:g} TFLOP/s (bf16 dense)")
-    for note in result.notes:
-        print(note)
-    if args.json_output:
-        from moalign.run import write_json
-
-        write_json(
-            args.json_output,
-            {
-                "method": result.method,
-                "recipe": args.recipe,
-                "flops": result.flops,
-                "gpu": args.gpu,
-                "utilisation": args.utilisation,
-                "gpu_hours": total,
-                "stages": [vars(s) for s in result.stages],
-                "notes": result.notes,
-            },
-        )
