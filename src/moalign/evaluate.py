@@ -115,7 +115,8 @@ def evaluate_policy(
                 raise MoalignError(f"the policy returned {len(responses)} responses for {len(prompts)} prompts")
             count, unit = _count_tokens(policy, responses)
             tokens += count
-            scores = score(objectives, prompts, responses, cache, progress=False)
+            # on the main process, which has every response: the other ranks would score them all again
+            scores = distributed.run_on_main(score, objectives, prompts, responses, cache, progress=False)
             collapse = getattr(policy, "degenerate", None)  # a policy's own rule (images: identical images)
             degenerate = collapse(responses) if collapse else [is_degenerate(text) for text in responses]
             shown = [
@@ -493,6 +494,9 @@ class EvalConfig:
         default=None, metadata={"help": "with --engine openai: the server, e.g. http://127.0.0.1:8001/v1"}
     )
     engine_concurrency: int = field(default=32, metadata={"help": "with --engine openai: requests in flight"})
+    generation_chunk_size: int = field(
+        default=256, metadata={"help": "prompts per chunk: saved when done (a rerun resumes), shared out between ranks"}
+    )
 
 
 def cli(argv: list[str]) -> None:
@@ -520,6 +524,7 @@ def cli(argv: list[str]) -> None:
         sampling=overrides,
         output_dir=args.output_dir,
         allow_incomplete=args.allow_incomplete,
+        chunk_size=args.generation_chunk_size,
         engine=engine_from(args.engine, args.base_url, args.engine_concurrency, ("--engine", "--base_url")),
     )
     print(summary_table(fronts))

@@ -22,8 +22,9 @@ The learning rate is constant (no scheduler).
 
 On several processes (`torchrun`, `accelerate launch`) it is data-parallel: each rank samples its own
 `per_device_train_batch_size × gradient_accumulation_steps` prompts of the global rollout, advantages are
-whitened over the global rollout, and the policy's and value head's gradients are all-reduced (DDP, wrapped
-by accelerate), so every replica takes the same optimiser step; the main process saves.
+whitened over the global rollout, the losses are token means over the global mini-batch and the policy's
+and value head's gradients are all-reduced (DDP, wrapped by accelerate), so every replica takes the step one
+process would take on the whole rollout; the main process saves.
 """
 
 from __future__ import annotations
@@ -94,10 +95,6 @@ class Rollout:
     returns: torch.Tensor
     scores: torch.Tensor
     kl: torch.Tensor  # per sequence: Σ_t log π(y_t) − log π_ref(y_t)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def masked_whiten(
@@ -267,29 +264,44 @@ class PPO:
 
     def update(self, batch: Rollout, seed: int) -> dict[str, float]:
         """`ppo_epochs` passes of the clipped policy and value losses over one rollout, each pass split
-        into `num_mini_batches` optimiser steps (micro-batches of `per_device_train_batch_size` add up)."""
+        into `num_mini_batches` optimiser steps (micro-batches of `per_device_train_batch_size` add up).
+
+        Each step minimises the losses' mean over the real tokens of its whole mini-batch, on every rank
+        together: a micro-batch contributes its tokens' sum over the mini-batch's global token count (times
+        the world size, which DDP's gradient averaging divides back out). Micro-batching and the number of
+        processes therefore leave the step as one process with the whole batch would take it; a mean of
+        per-micro-batch means would weigh a short response's tokens more in a batch of short responses.
+        Returns the losses' token means over the global rollout and the gradient norm before clipping."""
         config = self.config
         size, micro = batch.input_ids.size(0), config.per_device_train_batch_size
         mini = size // config.num_mini_batches
+        world = distributed.world_size()
         generator = torch.Generator().manual_seed(seed)
-        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
+        sums = torch.zeros(4, device=self.device)  # policy loss, value loss, clipped tokens, tokens (this rank)
+        norms = []
         for _ in range(config.ppo_epochs):
             order = torch.randperm(size, generator=generator).to(self.device)
             for mini_start in range(0, size, mini):
                 self.optimizer.zero_grad(set_to_none=True)
-                for start in range(mini_start, mini_start + mini, micro):
-                    rows = order[start : min(start + micro, mini_start + mini)]
+                chosen = order[mini_start : mini_start + mini]
+                tokens = self.total(batch.mask[chosen].sum()).clamp(min=1.0)
+                for start in range(0, len(chosen), micro):
+                    rows = chosen[start : start + micro]
                     losses = self.loss(batch, rows)
-                    share = len(rows) / mini
-                    ((losses["policy_loss"] + config.vf_coef * losses["value_loss"]) * share).backward()
-                    for name, value in losses.items():
-                        totals[name] += value.item() * len(rows) / size / config.ppo_epochs
-                torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
+                    ((losses["policy_loss"] + config.vf_coef * losses["value_loss"]) * world / tokens).backward()
+                    sums += torch.stack([*(value.detach() for value in losses.values()), batch.mask[rows].sum()])
+                norms.append(float(torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)))
                 self.optimizer.step()
-        return totals
+        sums = self.total(sums)
+        means = (sums[:3] / sums[3].clamp(min=1.0)).tolist()
+        return {
+            **dict(zip(("policy_loss", "value_loss", "clip_fraction"), means)),
+            "grad_norm": sum(norms) / len(norms),
+        }
 
     def loss(self, batch: Rollout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The clipped surrogate and clipped value losses on some rows of a rollout."""
+        """The clipped surrogate and clipped value losses, and the clipped ratios, summed over the real tokens of
+        some rows of a rollout (`update` divides by the mini-batch's tokens)."""
         config = self.config
         logprobs, values = logprobs_and_values(
             self.trained_policy,
@@ -309,9 +321,9 @@ class PPO:
         clipped_ratio = ratio.clamp(1.0 - config.epsilon, 1.0 + config.epsilon)
         clipped_values = old_values + (values - old_values).clamp(-config.cliprange_value, config.cliprange_value)
         return {
-            "policy_loss": masked_mean(torch.max(-advantages * ratio, -advantages * clipped_ratio), mask),
-            "value_loss": 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2), mask),
-            "clip_fraction": masked_mean(((ratio - 1.0).abs() > config.epsilon).float(), mask).detach(),
+            "policy_loss": (torch.max(-advantages * ratio, -advantages * clipped_ratio) * mask).sum(),
+            "value_loss": 0.5 * (torch.max((values - returns) ** 2, (clipped_values - returns) ** 2) * mask).sum(),
+            "clip_fraction": (((ratio - 1.0).abs() > config.epsilon).float() * mask).sum().detach(),
         }
 
     def save_checkpoint(self, stage_dir: Path, step: int, history: list[dict]) -> None:
