@@ -249,8 +249,14 @@ def estimate_morl(config: Any, shape: DataShape) -> Estimate:
                 if config.max_steps > 0
                 else math.ceil(config.num_train_epochs * shape.rows * config.num_generations / rollout)
             )
-            completions = steps * rollout
-            epochs, forward = getattr(config, "num_iterations", 1), (1 if config.beta > 0 else 0)
+            # each generated batch is trained num_iterations times, read by the reference when beta ≠ 0 and by the
+            # old policy when RLOO always, GRPO when its generation and optimiser steps are out of step
+            epochs = config.num_iterations
+            completions = math.ceil(steps * rollout / epochs)
+            old_pass = config.algorithm == "rloo" or config.gradient_accumulation_steps % (
+                config.steps_per_generation * epochs
+            )
+            forward = bool(old_pass) + (config.beta != 0.0)
         tokens = completions * (prompt + new)
         flops = recipe.generate(completions, prompt, new)
         flops += forward * recipe.policy.forward_per_token * tokens

@@ -127,16 +127,23 @@ class ScalarizedReward:
             stats,
         )
         self.__name__ = f"scalarized_{method}"  # TRL names the reward's log columns after this
+        # what this process's calls cost, for the stage's FLOPs (moalign.cost): tokens model-based objectives
+        # read, and the tokens TRL's trainers generated (they pass `completion_ids`)
+        self.scoring_flops, self.generated_tokens = 0.0, 0
 
     def normalized(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(raw, normalised) score matrices, one row per sample and one column per objective."""
+        from moalign.cost import scoring_flops
+
         scores = score(self.objectives, prompts, responses, progress=False)
+        self.scoring_flops += scoring_flops(self.objectives, prompts, responses)
         raw = np.column_stack([scores[o.name] for o in self.objectives])
         return raw, (self.stats.zscore(raw) if self.stats is not None else raw)
 
     def __call__(self, prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
         responses = [c.strip() for c in completions]
         raw, normalized = self.normalized(prompts, responses)
+        self.generated_tokens += sum(len(ids) for ids in kwargs.get("completion_ids") or ())
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:  # TRL's hook: per-objective means beside the scalarised reward
             for i, objective in enumerate(self.objectives):
@@ -230,9 +237,24 @@ def train_trl(
     seconds = train_resumable(trainer, stage_dir)
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
     model = trainer.accelerator.unwrap_model(trainer.model)
+    args = trainer.args
+    # What moalign.cost counts, as TRL's trainers run it: every generated batch (prompt + completion tokens,
+    # `num_input_tokens_seen`, over all ranks) is trained `num_iterations` times and read once more by the
+    # reference when beta ≠ 0, and by the old policy when RLOO always (its importance ratio) or GRPO's
+    # generation and optimiser steps are out of step.
+    tokens = int(trainer.state.num_input_tokens_seen)
+    generated = sum(distributed.gather([reward.generated_tokens]))
+    old_pass = config.algorithm == "rloo" or args.gradient_accumulation_steps % (
+        args.steps_per_generation * args.num_iterations
+    )
     stats = {
         "seconds": seconds,
-        "tokens": int(max((entry.get("num_tokens", 0) for entry in logs), default=0)),
+        "tokens": tokens,
+        "trained_tokens": args.num_iterations * tokens,
+        "forward_tokens": (bool(old_pass) + (args.beta != 0.0)) * tokens,
+        "generated_tokens": generated,
+        "prefill_tokens": tokens - generated,
+        "scoring_flops": sum(distributed.gather([reward.scoring_flops])),
         "steps": trainer.state.global_step,
         "score_first": logs[0]["reward"] if logs else None,
         "score_last": logs[-1]["reward"] if logs else None,
