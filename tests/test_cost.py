@@ -147,18 +147,24 @@ def test_cost_command_errors_are_one_line(tmp_path: Path, capsys):
     assert "no config for model 'nobody/no-such-model'" in capsys.readouterr().err
 
 
-def test_a_ppo_stage_counts_rollouts_reference_and_generation(tmp_path: Path):
-    """PPO's FLOPs: ppo_epochs trained passes, two forward passes and the generation of every rollout; and
-    `moalign cost` of the same YAML within 10% of them."""
+def test_a_ppo_stage_counts_rollouts_reference_generation_and_scoring(tmp_path: Path):
+    """PPO's FLOPs: ppo_epochs trained passes, two forward passes, the generation of every rollout and the
+    reward model's reading of it (2·N_rm per token), the normalisation's scoring as a stage; and `moalign cost`
+    of the same YAML within 10% of them."""
+    from transformers import AutoTokenizer
+
     from moalign.cost import ModelSize
+    from moalign.testing import build_classifier
 
     model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    scorer = build_classifier(tmp_path / "rm", n_embd=16, n_layer=1)
+    data = write_data(tmp_path / "d.jsonl", False)
     config = recipe(
         tmp_path,
         "morl",
         model_name_or_path=str(model),
-        dataset=str(write_data(tmp_path / "d.jsonl", False)),
-        objectives=["length", "brevity"],
+        dataset=str(data),
+        objectives=[f"hf:{scorer}", "brevity"],
         algorithm="ppo",
         preferences=["0.5,0.5"],
         max_steps=2,
@@ -168,17 +174,25 @@ def test_a_ppo_stage_counts_rollouts_reference_and_generation(tmp_path: Path):
         max_length=None,  # not a field of TRL's GRPOConfig, which MORL's config extends
     )
     assert main(["morl", "--config", str(config)]) == 0
-    stage = read_manifest(tmp_path / "morl")["training"]["stages"]["w0.5-0.5"]
+    training = read_manifest(tmp_path / "morl")["training"]
+    stage = training["stages"]["w0.5-0.5"]
     assert stage["trained_tokens"] == 3 * stage["tokens"] and stage["forward_tokens"] == 2 * stage["tokens"]
     assert stage["prefill_tokens"] + stage["generated_tokens"] == stage["tokens"]
+    # the reward model by hand: one block of 12·d² and a one-label score head; it reads prompt + response
+    rm_tokenizer, rm_params = AutoTokenizer.from_pretrained(scorer), 12 * 16**2 + 16
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    read = sum(len(rm_tokenizer(r["prompt"] + r["response"])["input_ids"]) for r in rows)
+    assert training["stages"]["normalisation"]["flops"] == 2 * rm_params * read
+    # each rollout read once: its decoded text re-tokenized is no shorter than the sampled tokens (1.26× here)
+    assert 1.0 <= stage["scoring_flops"] / (2 * rm_params * stage["tokens"]) < 2.0
     size = ModelSize(**stage["parameters"])
     expected = size.train_per_token() * stage["trained_tokens"] + size.forward_per_token * 3 * stage["tokens"]
-    assert stage["flops"] == pytest.approx(expected)
+    assert stage["flops"] == pytest.approx(expected + stage["scoring_flops"])
     # `moalign cost` assumes every rollout runs to max_completion_length (the most it can cost): this random
     # tiny policy never samples EOS in 6 tokens, so the count and the estimate agree
     assert stage["generated_tokens"] == 2 * 4 * 6
     predicted, _, _ = estimate(str(config))
-    assert predicted.flops == pytest.approx(stage["flops"], rel=0.10)
+    assert predicted.flops == pytest.approx(training["flops"], rel=0.10)
 
 
 def test_a_generation_stage_counts_prefill_and_generated_tokens(tmp_path: Path):

@@ -90,17 +90,20 @@ def record_stage_flops(model, stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def scoring_flops(objectives: Sequence[Any], prompts: Sequence[str], responses: Sequence[str]) -> float:
-    """2·N_rm per token each model-based objective reads (its own tokenizer, its own truncation)."""
+    """2·N_rm per token each model-based objective reads: its own tokenizer, its own truncation and its input
+    (`concat`: prompt + response, `pair`: the two as a text pair, `response`: the response alone)."""
     total = 0.0
     for objective in objectives:
         model, tokenizer = getattr(objective, "model", None), getattr(objective, "tokenizer", None)
         if model is None or tokenizer is None or not hasattr(model, "named_modules"):
             continue  # lexical scorers
         limit = getattr(objective, "max_length", None)
-        texts = [p + r for p, r in zip(prompts, responses)]
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        tokens = sum(min(n, limit) if limit else n for n in lengths)
-        total += model_size(model).forward_per_token * tokens
+        mode = getattr(objective, "input", "concat")
+        texts = {"pair": (list(prompts), list(responses)), "response": (list(responses),)}.get(
+            mode, ([p + r for p, r in zip(prompts, responses)],)
+        )
+        encoded = tokenizer(*texts, truncation=limit is not None, max_length=limit)
+        total += model_size(model).forward_per_token * sum(len(ids) for ids in encoded["input_ids"])
     return total
 
 

@@ -163,11 +163,12 @@ def load_training_data(config: MORLConfig) -> tuple[list[str], datasets.Dataset 
 
 def fit_normalization(
     config: MORLConfig, objectives: list[Objective], samples: datasets.Dataset | None
-) -> NormStats | None:
+) -> tuple[NormStats | None, float]:
     """z-score statistics of the training samples' scores; score columns named after the objectives are
-    used as they are, anything else is scored once (through the score cache)."""
+    used as they are, anything else is scored once (through the score cache). Also returns that scoring's FLOPs
+    (moalign.cost; model-based objectives only)."""
     if config.normalization == "none":
-        return None
+        return None, 0.0
     if samples is None:
         raise MoalignError(
             f"{config.dataset} holds prompts only: normalization zscore needs responses to fit its statistics "
@@ -175,12 +176,15 @@ def fit_normalization(
         )
     names = [o.name for o in objectives]
     if set(names) <= set(samples.column_names) and not data.is_pairs(samples):
-        return NormStats.fit({name: np.asarray(samples[name], dtype=float) for name in names}, names)
+        return NormStats.fit({name: np.asarray(samples[name], dtype=float) for name in names}, names), 0.0
     prompts, responses = data.to_samples(samples)
     if 0 < config.normalization_samples < len(prompts):  # scoring every sample of a big set costs hours
         picked = np.random.default_rng(config.seed).choice(len(prompts), config.normalization_samples, replace=False)
         prompts, responses = [prompts[i] for i in picked], [responses[i] for i in picked]
-    return NormStats.fit(score(objectives, prompts, responses, score_cache(config)), names)
+    from moalign.cost import scoring_flops
+
+    fitted = NormStats.fit(score(objectives, prompts, responses, score_cache(config)), names)
+    return fitted, scoring_flops(objectives, prompts, responses)
 
 
 def check_config(config: MORLConfig) -> None:
@@ -274,7 +278,9 @@ def train(config: MORLConfig) -> Path:
     prompts, samples = load_training_data(config)
     if not prompts:
         raise MoalignError(f"{config.dataset} has no prompts")
-    stats = distributed.run_on_main(fit_normalization, config, objectives, samples)  # scored once, shared
+    stats, normalisation_flops = distributed.run_on_main(fit_normalization, config, objectives, samples)  # once
+    # the normalisation's scoring as a stage of its own when a model-based objective did it
+    fitted = {"normalisation": {"flops": normalisation_flops}} if normalisation_flops else {}
     method = "morlhf" if config.scalarization == "linear" else "morl"
     options = config.scalarization_options()
 
@@ -301,7 +307,7 @@ def train(config: MORLConfig) -> Path:
             beta=config.beta,
             normalization={"method": config.normalization, "stats": stats.to_dict() if stats else None},
             models=models,
-            training=training_totals(stages),
+            training=training_totals({**fitted, **stages}),
         )
 
     train_per_preference(preferences, run_dir, train_one, on_trained=write)

@@ -438,7 +438,9 @@ def train_ppo(
         # The global rollout of this step, of which this rank samples (and seeds) its own share.
         seed = config.seed + (step * world + rank) * rollout_size
         shared = prompt_batch(prompts, step, rollout_size * world, config.seed)
+        scored = getattr(reward_fn, "scoring_flops", 0.0)  # a ScalarizedReward counts its model-based scoring
         batch = ppo.rollout(shared[rank * rollout_size : (rank + 1) * rollout_size], reward_fn, seed)
+        scored = getattr(reward_fn, "scoring_flops", 0.0) - scored
         losses = ppo.update(batch, seed)
         rows = ppo.total(torch.tensor(float(len(batch.scores)), device=batch.scores.device))
         record = {
@@ -448,6 +450,7 @@ def train_ppo(
             "response_length": (ppo.total(batch.mask.sum()) / rows).item(),
             "tokens": int(ppo.total(batch.attention_mask.sum())),
             "generated_tokens": int(ppo.total(batch.mask.sum())),
+            "scoring_flops": float(ppo.total(torch.tensor(scored, device=batch.scores.device))),
             **losses,
             "seconds": time.perf_counter() - started,
         }
@@ -468,6 +471,7 @@ def train_ppo(
         "forward_tokens": 2 * sum(r["tokens"] for r in history),
         "generated_tokens": sum(r.get("generated_tokens", 0) for r in history),
         "prefill_tokens": sum(r["tokens"] - r.get("generated_tokens", 0) for r in history),
+        "scoring_flops": sum(r.get("scoring_flops", 0.0) for r in history),
         "steps": steps,
         "resumed_from_step": start_step,
         "score_first": history[0]["score"] if history else None,
