@@ -276,8 +276,8 @@ class Server:
     async def answer(self, request: Request, body: CompletionRequest | ChatRequest) -> Any:
         plan = self.plan(body)
         formatter = Formatter(plan.kind, self.model_id, self.extension(plan), plan.n)
-        if not plan.stream:
-            return formatter.whole(await self.engine.rows(request, plan))
+        if not plan.stream:  # the answer is plain JSON already: FastAPI's jsonable_encoder would only cost CPU
+            return JSONResponse(formatter.whole(await self.engine.rows(request, plan)))
         pieces = self.engine.pieces(request, plan)
         # The first piece is awaited here, so a request that fails before any text is answered with its
         # status (400, 502, 504) rather than with a stream that opens and errors.

@@ -5,17 +5,22 @@ writes the exact prompt its model is given (RiC: the desired rewards) and names 
 that serves the preference (per-preference runs: the nearest trained one, under the name
 `moalign export` gave it). Every row goes to the upstream's `/v1/completions` with its own seed, so a
 chat request is rendered here exactly as the native server renders it.
+
+The forwarding path is one shared `httpx2.AsyncClient` (the openai client's own transport, whose
+connection pool costs O(connections) per request where httpx's costs O(connections²)) with keep-alive
+connections; the upstream's JSON is read with `json.loads`, not into the openai client's Pydantic
+models, which cost more CPU per request than the routing itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-import openai
+import httpx2
 from fastapi import Request
 
 from moalign.errors import first_line
@@ -25,6 +30,40 @@ from moalign.serve.schemas import ApiError
 log = logging.getLogger("moalign.serve")
 
 IN_FLIGHT = 64  # requests to the upstream at once (the native engine batches up to 64 rows)
+RETRIES = 2  # a request that met a dropped keep-alive connection is sent again: rows carry seeds
+
+
+class Malformed(ValueError):
+    """The upstream answered 200 with something that is not an OpenAI completion."""
+
+
+def completion_choice(event: Any) -> dict[str, Any] | None:
+    """The first choice of a completion object (None: a chunk without choices, e.g. the usage chunk)."""
+    if not isinstance(event, dict) or not isinstance(event.get("choices", []), list):
+        raise Malformed(f"not a completion object: {json.dumps(event)[:80]}")
+    if not event.get("choices"):
+        return None
+    choice = event["choices"][0]
+    if not isinstance(choice, dict) or not isinstance(choice.get("text", ""), str):
+        raise Malformed(f"choices[0] has no text: {json.dumps(choice)[:80]}")
+    return choice
+
+
+def counted(usage: Any, name: str) -> int | None:
+    value = usage.get(name) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) else None
+
+
+def upstream_message(response: httpx2.Response) -> str:
+    """The upstream's own error message, in one line."""
+    try:
+        body = json.loads(response.content)
+        error = body.get("error", body.get("detail", body)) if isinstance(body, dict) else body
+        detail = error.get("message", error) if isinstance(error, dict) else error
+    except ValueError:
+        detail = response.text
+    text = str(detail).strip()
+    return text.splitlines()[0][:300] if text else response.reason_phrase
 
 
 class UpstreamEngine:
@@ -33,26 +72,22 @@ class UpstreamEngine:
     def __init__(self, policy: Any, url: str, api_key: str | None, timeout_s: float, tokenizer: Any):
         self.policy, self.url, self.timeout_s, self.tokenizer = policy, url.rstrip("/"), timeout_s, tokenizer
         self.api_key = api_key
-        self.client: openai.AsyncOpenAI | None = None
+        self.client: httpx2.AsyncClient | None = None
         self.stats = {"requests": 0, "upstream_errors": 0}
 
     async def start(self) -> None:
-        # Every row carries its seed, so a retried request (e.g. on a keep-alive connection the upstream had
-        # just closed) gives the same answer. At most IN_FLIGHT requests and as many connections: httpx's
-        # pool scans its connections for every request, which costs more CPU than the request beyond ~100.
-        limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
+        # At most IN_FLIGHT requests, each on its own keep-alive connection: enough to fill the upstream's
+        # batches, and the pool's scan per request stays short.
+        limits = httpx2.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         self.slots = asyncio.Semaphore(IN_FLIGHT)
-        self.client = openai.AsyncOpenAI(
-            base_url=self.url,
-            api_key=self.api_key or "none",
-            max_retries=2,
-            timeout=self.timeout_s,
-            http_client=httpx.AsyncClient(limits=limits, timeout=self.timeout_s),
-        )
+        self.client = httpx2.AsyncClient(limits=limits, timeout=self.timeout_s, headers=headers)
 
     async def stop(self) -> None:
         if self.client is not None:
-            await self.client.close()
+            await self.client.aclose()
 
     def health(self) -> dict[str, Any]:
         return {"upstream": self.url, **self.stats}
@@ -83,27 +118,24 @@ class UpstreamEngine:
         """One line that names the upstream and what went wrong; the router itself stays healthy."""
         self.stats["upstream_errors"] += 1
         where = f"upstream {self.url}"
-        if isinstance(error, openai.APITimeoutError | httpx.TimeoutException):
+        if isinstance(error, httpx2.TimeoutException):
             message = f"{where} did not answer within {self.timeout_s:g} s (--upstream-timeout)"
             return ApiError(504, message, kind="upstream_error")
-        if isinstance(error, openai.APIStatusError):
-            detail = first_line(error)
-            if error.status_code in (400, 422):  # the upstream refused what the client asked
+        if isinstance(error, httpx2.HTTPStatusError):
+            status, detail = error.response.status_code, upstream_message(error.response)
+            if status in (400, 422):  # the upstream refused what the client asked
                 return ApiError(400, f"{where} refused the request: {detail}")
             hint = ""
-            if error.status_code in (404, 500):
+            if status in (404, 500):
                 hint = f" (does it serve a model named {model!r}? `moalign export` prints the command that does)"
             return ApiError(
-                502, f"{where} answered {error.status_code} for model {model!r}: {detail}{hint}", kind="upstream_error"
+                502, f"{where} answered {status} for model {model!r}: {detail}{hint}", kind="upstream_error"
             )
-        if isinstance(error, openai.APIConnectionError | httpx.TransportError):
+        if isinstance(error, httpx2.TransportError):
             detail = first_line(error.__cause__ or error)
             return ApiError(502, f"{where} is unreachable or closed the connection: {detail}", kind="upstream_error")
-        if isinstance(error, ValueError | openai.APIResponseValidationError | KeyError | TypeError | IndexError):
-            detail = first_line(error)
-            return ApiError(502, f"{where} sent a malformed answer: {detail}", kind="upstream_error")
-        if isinstance(error, openai.APIError):
-            return ApiError(502, f"{where} failed: {first_line(error)}", kind="upstream_error")
+        if isinstance(error, ValueError):  # json.JSONDecodeError, UnicodeDecodeError and Malformed among them
+            return ApiError(502, f"{where} sent a malformed answer: {first_line(error)}", kind="upstream_error")
         raise error
 
     def count_tokens(self, text: str) -> int:
@@ -111,59 +143,108 @@ class UpstreamEngine:
             return 0
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def whole_row(self, plan: Any, row: int) -> Row:
+    async def send(self, body: dict[str, Any]) -> httpx2.Response:
+        """The upstream's response with its headers read (the body still to read), or the error that ended it;
+        a request that met a connection the upstream had just closed is sent again."""
         assert self.client is not None, "the server was not started"
+        content, attempt = json.dumps(body).encode(), 0
+        while True:
+            request = self.client.build_request("POST", f"{self.url}/completions", content=content)
+            try:
+                response = await self.client.send(request, stream=True)
+                break
+            except (httpx2.ConnectError, httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError):
+                attempt += 1
+                if attempt > RETRIES:
+                    raise
+        if response.status_code >= 400:
+            await response.aread()
+            await response.aclose()
+            response.raise_for_status()
+        return response
+
+    async def whole_row(self, plan: Any, row: int) -> Row:
         body = self.request(plan, row, stream=False)
         try:
             async with self.slots:
-                answer = await self.client.completions.create(**body)
-            if not isinstance(answer, openai.types.Completion):  # the client hands back text it could not parse
-                raise ValueError(f"not a JSON completion object: {str(answer)[:80]!r}")
-            choice = answer.choices[0]
-            text, finish = choice.text, choice.finish_reason
-            if not isinstance(text, str):
-                raise ValueError(f"choices[0].text is {type(text).__name__}, not a string")
-        except (openai.OpenAIError, httpx.HTTPError, ValueError, KeyError, TypeError, IndexError) as error:
+                response = await self.send(body)
+                try:
+                    answer = json.loads(await response.aread())
+                finally:
+                    await response.aclose()
+            choice = completion_choice(answer)
+            if choice is None:
+                raise Malformed("a completion without choices")
+        except (httpx2.HTTPError, ValueError) as error:
             raise self.failure(error, body["model"]) from None
-        used = answer.usage
-        prompt_tokens = used.prompt_tokens if used else self.count_tokens(body["prompt"])
-        completion_tokens = used.completion_tokens if used else self.count_tokens(text)
-        return Row(text, finish if finish in ("stop", "length") else "stop", prompt_tokens, completion_tokens)
+        text, finish, used = choice.get("text", ""), choice.get("finish_reason"), answer.get("usage")
+        prompt_tokens = counted(used, "prompt_tokens")
+        completion_tokens = counted(used, "completion_tokens")
+        return Row(
+            text,
+            finish if finish in ("stop", "length") else "stop",
+            self.count_tokens(body["prompt"]) if prompt_tokens is None else prompt_tokens,
+            self.count_tokens(text) if completion_tokens is None else completion_tokens,
+        )
+
+    async def events(self, response: httpx2.Response) -> AsyncIterator[Any]:
+        """The JSON events of a server-sent event stream, up to `[DONE]`."""
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators, comments, `event:` lines
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if isinstance(event, dict) and "error" in event:  # the upstream failed after the stream opened
+                error = event["error"]
+                detail = error.get("message", error) if isinstance(error, dict) else error
+                raise Malformed(f"an error event: {detail}")
+            yield event
 
     async def row_pieces(self, plan: Any, row: int) -> AsyncIterator[Piece]:
         """The upstream's chunks for one row, passed on as they arrive."""
-        assert self.client is not None, "the server was not started"
         body = self.request(plan, row, stream=True)
-        finish, parts, counts = None, [], None
+        finish, parts, used = None, [], None
         try:
             async with self.slots:
-                stream = await self.client.completions.create(**body)
-            async with stream:
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        counts = chunk.usage
-                    if not chunk.choices:
+                response = await self.send(body)
+            try:
+                async for event in self.events(response):
+                    used = event.get("usage") or used
+                    choice = completion_choice(event)
+                    if choice is None:
                         continue
-                    choice = chunk.choices[0]
-                    if choice.text:
-                        parts.append(choice.text)
-                        yield Piece(row, choice.text)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
-        except (openai.OpenAIError, httpx.HTTPError, ValueError, KeyError, TypeError, IndexError) as error:
+                    if choice.get("text"):
+                        parts.append(choice["text"])
+                        yield Piece(row, choice["text"])
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+            finally:
+                await response.aclose()
+        except (httpx2.HTTPError, ValueError) as error:
             raise self.failure(error, body["model"]) from None
         if finish is None:
             self.stats["upstream_errors"] += 1
             message = f"upstream {self.url} closed the stream before the answer finished"
             raise ApiError(502, message, kind="upstream_error")
-        prompt_tokens = counts.prompt_tokens if counts else self.count_tokens(body["prompt"])
-        completion_tokens = counts.completion_tokens if counts else self.count_tokens("".join(parts))
-        yield Piece(row, "", None, finish if finish in ("stop", "length") else "stop", prompt_tokens, completion_tokens)
+        prompt_tokens = counted(used, "prompt_tokens")
+        completion_tokens = counted(used, "completion_tokens")
+        yield Piece(
+            row,
+            "",
+            None,
+            finish if finish in ("stop", "length") else "stop",
+            self.count_tokens(body["prompt"]) if prompt_tokens is None else prompt_tokens,
+            self.count_tokens("".join(parts)) if completion_tokens is None else completion_tokens,
+        )
 
     # --- a request
 
     async def rows(self, request: Request, plan: Any) -> list[Row]:
         self.stats["requests"] += 1
+        if len(plan.prompts) == 1:  # the common case: no task to schedule
+            return [await self.whole_row(plan, 0)]
         tasks = [asyncio.ensure_future(self.whole_row(plan, row)) for row in range(len(plan.prompts))]
         try:
             return list(await asyncio.gather(*tasks))
