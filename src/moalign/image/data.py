@@ -66,7 +66,8 @@ def load_images(
             dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split)
         else:
             dataset = datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+    # OSError: a missing file, or a hub id that is neither reachable nor cached (ConnectionError offline)
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
         raise MoalignError(f"cannot load image dataset {source} ({first_line(error)})") from None
     for column, option in ((image_column, "image_column"), (caption_column, "caption_column")):
         if column not in dataset.column_names:
