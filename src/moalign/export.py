@@ -17,7 +17,6 @@ matching `moalign serve` command are printed and kept in OUTDIR/moalign-export.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -52,8 +51,13 @@ def merge_adapter(adapter: Path, destination: Path) -> None:
 
 
 def lora_rank(adapter: Path) -> int:
-    settings = json.loads((adapter / "adapter_config.json").read_text())
-    return int(settings.get("r") or 8)
+    """The LoRA rank vLLM must be started with for this adapter (`--max-lora-rank`)."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(adapter))  # the adapter type's own config class (LoraConfig for LoRA)
+    if not isinstance(getattr(config, "r", None), int):
+        raise MoalignError(f"{adapter} is a {config.peft_type} adapter; vLLM serves LoRA adapters only")
+    return config.r
 
 
 def plan_models(run_dir: Path) -> tuple[Any, dict[str, Path], dict[str, str | None]]:

@@ -6,13 +6,14 @@ client works unchanged; the preference travels in the extra field `preference`),
 request to an OpenAI-compatible engine (`router.py`) with the prompt and model the preference picks.
 
 Modules: `schemas` (request bodies, errors), `batcher` (request batching), `openai_format` (answers and
-stream chunks), `native` / `router` (the two engines), `app` (validation, the FastAPI app, transport
-guards), `command` (the command line).
+stream chunks), `native` / `router` (the two engines), `app` (validation, the FastAPI app), `transport` (what is
+refused before any JSON is parsed; uvicorn's settings), `command` (the command line).
 """
 
-from moalign.serve.app import ServeConfig, Server, create_app, uvicorn_options
+from moalign.serve.app import ServeConfig, Server, create_app
 from moalign.serve.command import cli
 from moalign.serve.openai_format import token_pieces
 from moalign.serve.schemas import ApiError, render_chat
+from moalign.serve.transport import uvicorn_options
 
 __all__ = ["ApiError", "ServeConfig", "Server", "cli", "create_app", "render_chat", "token_pieces", "uvicorn_options"]

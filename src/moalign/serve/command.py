@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 
 from moalign.errors import MoalignError
-from moalign.serve.app import ServeConfig, create_app, uvicorn_options
+from moalign.serve.app import ServeConfig, create_app
+from moalign.serve.transport import uvicorn_options
 
 log = logging.getLogger("moalign.serve")
 
