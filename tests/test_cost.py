@@ -121,6 +121,37 @@ def test_cost_estimate_agrees_with_a_real_modpo_run(tmp_path: Path):
     assert trained == pytest.approx(training["flops"], rel=0.10)
 
 
+def test_modpo_margin_pass_of_a_dpo_margin_model_is_counted(tmp_path: Path):
+    """The paper's recipe: `moalign dpo`, then MODPO with its implicit reward as margin. The margin pass (the DPO
+    model and its reference reading every chosen and rejected sequence) is the `margins` stage's FLOPs, and
+    `moalign cost` of the MODPO YAML estimates it within 10%."""
+    from transformers import AutoTokenizer
+
+    model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    data = write_data(tmp_path / "pairs.jsonl", True)
+    common = {"model_name_or_path": str(model), "dataset": str(data), "objectives": ["length", "brevity"], "beta": 0.1}
+    dpo = recipe(tmp_path, "dpo", **common, objective_index=1, loss_type=["sigmoid"], max_steps=2)
+    assert main(["dpo", "--config", str(dpo)]) == 0
+    modpo = recipe(
+        tmp_path,
+        "modpo",
+        **common,
+        margin_objectives=[f"dpo:{tmp_path / 'dpo'}"],
+        preferences=["0.5,0.5"],
+        loss_type=["sigmoid"],
+        max_steps=2,
+    )
+    assert main(["modpo", "--config", str(modpo)]) == 0
+    margins = read_manifest(tmp_path / "modpo")["training"]["stages"]["margins"]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    texts = [r["prompt"] + " " + r[side] + tokenizer.eos_token for r in rows for side in ("chosen", "rejected")]
+    tokens = sum(min(64, len(ids)) for ids in tokenizer(texts)["input_ids"])
+    assert margins["flops"] == 2 * 2 * size_from_config(str(model)).matmul * tokens  # two models, 2·N per token
+    predicted = {s.name: s.flops for s in estimate(str(modpo))[0].stages}
+    assert predicted["margins"] == pytest.approx(margins["flops"], rel=0.10)
+
+
 def test_cost_command_on_a_papers_recipe(tmp_path: Path, capsys):
     out = tmp_path / "ric.json"
     configs = Path(__file__).resolve().parents[1] / "configs"

@@ -163,6 +163,30 @@ def compute_margins(
     return margin_c, margin_r, stats
 
 
+def margin_flops(pairs: datasets.Dataset, specs: Sequence[str], config: Any, built: dict[str, Any]) -> float:
+    """FLOPs of the margin pass (moalign.cost), computed or read from the cache: 2·N_rm per token each model-based
+    objective reads, and for `dpo:RUN` its model and its reference each reading every chosen and rejected
+    sequence (prompt + response + EOS, cut at `max_length`) at 2·N per token."""
+    from moalign.cost import scoring_flops, size_from_config
+    from moalign.models import load_tokenizer
+    from moalign.objectives import build
+
+    prompts = list(pairs["prompt"]) * 2
+    responses = list(pairs["chosen"]) + list(pairs["rejected"])
+    objectives = [built.get(s) or build(s) for s in specs if margin_spec_kind(s) == "objective"]
+    total = scoring_flops(objectives, prompts, responses)
+    for spec in specs:
+        if margin_spec_kind(spec) == "dpo":
+            run_dir = _dpo_margin_parts(spec)[0]
+            model = Path(run_dir) / dpo_run_info(run_dir).get("model", "model")
+            tokenizer = load_tokenizer(str(model))
+            texts = [p + completion_text(r) + (tokenizer.eos_token or "") for p, r in zip(prompts, responses)]
+            lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+            tokens = sum(min(n, config.max_length) if config.max_length else n for n in lengths)
+            total += 2 * size_from_config(str(model)).forward_per_token * tokens
+    return total
+
+
 def check_margins(margin_chosen: np.ndarray, margin_rejected: np.ndarray, specs: Sequence[str]) -> None:
     for matrix in (margin_chosen, margin_rejected):
         bad = ~np.isfinite(matrix)

@@ -40,6 +40,7 @@ from moalign.methods.modpo.margins import (
     _dpo_margin_parts,
     cached_margins,
     dpo_run_info,
+    margin_flops,
     margin_spec_kind,
 )
 from moalign.methods.modpo.pairs import PairArguments, load_pairs, pairs_settings, training_dataset
@@ -234,6 +235,7 @@ def train(config: MODPOConfig) -> Path:
         pairs = load_pairs(config, plan.names)
         margin_c, margin_r, stats = cached_margins(config, plan.margin_specs, plan.objectives, pairs, run_dir)
     margin_seconds = time.perf_counter() - start
+    flops = margin_flops(pairs, plan.margin_specs, config, plan.objectives)
     dataset = training_dataset(pairs, (margin_c, margin_r))
     ends = _end_entries(config, plan, run_dir)
 
@@ -256,7 +258,7 @@ def train(config: MODPOConfig) -> Path:
             beta=config.beta,
             pairs=pairs_settings(config),
             prompt_template=config.prompt_template,
-            training=training_totals({"margins": {"seconds": margin_seconds}, **stages}),
+            training=training_totals({"margins": {"seconds": margin_seconds, "flops": flops}, **stages}),
         )
 
     train_per_preference(plan.preferences, run_dir, train_one, on_trained=write)
