@@ -265,3 +265,45 @@ def test_modpo_approaches_the_exact_optimum(tmp_path: Path):
     assert values[0] > 0.2, history  # the reference is far from π*_w
     assert values[1] < 0.5 * values[0], history  # falling while it learns
     assert max(values[2:]) < 0.35 * values[0], history  # and staying near π*_w (label noise keeps it off 0)
+
+
+def test_every_method_runs_on_the_exact_task_and_is_read_exactly(tmp_path: Path):
+    """`moalign demo --task exact` end to end at toy size on a tiny π_ref: MORLHF (and its one-hot models as the
+    soup's ingredients), SFT and ParetoHqD trained through their recipes, each read exactly over the candidates,
+    with gaps, hypervolume, counted FLOPs and `moalign cost`'s estimate in the table."""
+    import json
+
+    from moalign.exact.pipeline import LABELS, SIZES, run_exact
+    from moalign.exact.task import build_candidate_task
+    from moalign.run import read_manifest
+    from moalign.testing import build_causal_lm
+
+    task = build_candidate_task(3, 4, seed=1)  # the task run_exact builds at seed 0: its tokenizer's texts
+    texts = [*task.prompts, *(y for row in task.candidates for y in row)]
+    base = build_causal_lm(tmp_path / "lm", texts=texts, n_embd=32, n_layer=2, n_positions=1024)
+    size = {**SIZES["quick"], "prompts": 3, "k": 4, "ppo_steps": 1, "sft_steps": 2, "hqd_k": 3, "hqd_steps": 2}
+    size["max_length"] = 1024  # the test tokenizer's few merges make the demo's texts several hundred tokens
+    methods = ("morl", "soups", "sft", "paretohqd")
+    result = run_exact(tmp_path / "out", methods=methods, base_model=str(base), size=size)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == ["base (π_ref)", *(LABELS[m] for m in methods)]
+    assert result["task"]["prompts"] == 3 and result["task"]["candidates"] == 4
+    for name in methods:
+        row = rows[LABELS[name]]
+        assert len(row["points"]) == 4 and row["flops"] > 0
+        assert all(p["kl_ref"] >= -1e-12 for p in row["points"])
+        assert 0 < row["hypervolume_ratio"] <= 1 + 1e-6  # no policy over the candidates beats the exact front
+        assert min(p["gap"] for p in row["points"]) >= -1e-6
+    # SFT serves one model for every preference; ParetoHqD one per preference, each on its own selection (a random
+    # π_ref this small puts nearly all its mass on one candidate, so two steps do not move the points apart)
+    assert len({tuple(p["rewards"]) for p in rows["SFT"]["points"]}) == 1
+    hqd = read_manifest(tmp_path / "out" / "paretohqd")["training"]["stages"]["stage1"]["stages"]
+    assert len(hqd) == 4 and len({stage["tokens"] for stage in hqd.values()}) > 1
+    # a soup trains nothing: its cost is its ingredients', MORLHF's one-hot models
+    morl = read_manifest(tmp_path / "out" / "morlhf")["training"]["stages"]
+    assert rows["Rewarded Soups"]["flops"] == pytest.approx(morl["w1-0"]["flops"] + morl["w0-1"]["flops"])
+    assert rows["Rewarded Soups"]["estimated_flops"] is None
+    assert all(rows[LABELS[m]]["estimated_flops"] > 0 for m in ("morl", "sft", "paretohqd"))
+    assert json.loads((tmp_path / "out" / "exact.json").read_text())["rows"][1]["name"] == LABELS["morl"]
+    assert "Rewarded Soups" in (tmp_path / "out" / "exact.md").read_text()
+    assert (tmp_path / "out" / "exact_front.png").stat().st_size > 0

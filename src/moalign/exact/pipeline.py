@@ -1,12 +1,16 @@
 """`moalign demo --task exact`: the methods trained on a candidate task and measured against its exact optimum.
 
-Each method runs through its own recipe (`moalign modpo`, `moalign ric`, `moalign morl`) from a YAML written
-under `OUT/configs/`, so `moalign cost OUT/configs/NAME.yaml` estimates exactly what ran. What each trains on:
+Each method runs through its own recipe (`moalign modpo`, `moalign ric`, …) from a YAML written under
+`OUT/configs/`, so `moalign cost OUT/configs/NAME.yaml` estimates exactly what ran. What each trains on:
 - MODPO (and DPO, its w = (1, 0) end): Bradley–Terry pairs of vader, brevity as the margin, at β;
 - RiC: every candidate as a scored sample (offline stage only: MORS would generate outside the candidates);
 - MORLHF: PPO on the task's prompts with free generation, reward wᵀz at the same β and temperature 1. Its
   optimum over all sequences, π_ref·exp(wᵀr/β), restricted to the candidates and renormalised is π*_w, so
-  free generation targets the same policy.
+  free generation targets the same policy. It also trains the one-hot w = (0, 1) for the soups;
+- Rewarded Soups: MORLHF's one-hot models as ingredients, θ_w = Σ w_i θ_i (nothing trained of its own);
+- SFT: every candidate as a sample, one model for every preference (the baseline that ignores the rewards);
+- ParetoHqD: every candidate as a scored sample, the k nearest each preference's ray among the first
+  non-dominated layers (stage 1 only: stage 2 generates outside the candidates, as MORS does).
 Every run is then read exactly (no sampling) over the candidates.
 """
 
@@ -31,9 +35,22 @@ log = logging.getLogger("moalign")
 OBJECTIVES = ["vader", "brevity"]
 BETA = 0.5  # the KL coefficient MODPO and MORLHF train at, and the β of the π*_w they are compared with
 PREFERENCES = ["0.2,0.8", "0.5,0.5", "0.8,0.2", "1,0"]  # MODPO trains on vader's pairs: w_vader > 0
-SIZES = {  # prompts, candidates, Bradley–Terry draws per pair, MODPO steps, RiC steps, PPO steps
-    "quick": {"prompts": 16, "k": 8, "draws": 2, "modpo_steps": 20, "ric_steps": 60, "ppo_steps": 4},
-    "full": {"prompts": 48, "k": 12, "draws": 2, "modpo_steps": 60, "ric_steps": 300, "ppo_steps": 15},
+# prompts, candidates, Bradley–Terry draws per pair, each method's steps, ParetoHqD's samples per preference,
+# and the length (tokens) training cuts a prompt + candidate at
+SIZES = {
+    "quick": {"prompts": 16, "k": 8, "draws": 2, "modpo_steps": 20, "ric_steps": 60, "ppo_steps": 4}
+    | {"sft_steps": 20, "hqd_k": 16, "hqd_steps": 10, "max_length": 160},
+    "full": {"prompts": 48, "k": 12, "draws": 2, "modpo_steps": 60, "ric_steps": 300, "ppo_steps": 15}
+    | {"sft_steps": 60, "hqd_k": 48, "hqd_steps": 30, "max_length": 160},
+}
+METHODS = ("modpo", "ric", "morl", "soups", "sft", "paretohqd")  # soups after morl: its ingredients
+LABELS = {
+    "modpo": "MODPO",
+    "ric": "RiC (offline)",
+    "morl": "MORLHF (PPO)",
+    "soups": "Rewarded Soups",
+    "sft": "SFT",
+    "paretohqd": "ParetoHqD (stage 1)",
 }
 
 
@@ -65,7 +82,7 @@ def write_recipes(out: Path, base_model: str, size: dict[str, int], seed: int) -
             "per_device_train_batch_size": 16,
             "learning_rate": 1e-3,
             "lr_scheduler_type": "linear",
-            "max_length": 160,
+            "max_length": size["max_length"],
             "output_dir": str(out / "modpo"),
         },
         "ric": {
@@ -79,14 +96,14 @@ def write_recipes(out: Path, base_model: str, size: dict[str, int], seed: int) -
             "learning_rate": 2e-3,
             "lr_scheduler_type": "cosine",
             "warmup_steps": 10,
-            "max_length": 160,
+            "max_length": size["max_length"],
             "output_dir": str(out / "ric"),
         },
         "morl": {
             **common,
             "dataset": str(out / "data" / "samples.jsonl"),
             "algorithm": "ppo",
-            "preferences": PREFERENCES,
+            "preferences": ["0,1", *PREFERENCES],
             "beta": BETA,
             "max_steps": size["ppo_steps"],
             "per_device_train_batch_size": 16,
@@ -96,6 +113,37 @@ def write_recipes(out: Path, base_model: str, size: dict[str, int], seed: int) -
             "temperature": 1.0,
             "learning_rate": 3e-4,
             "output_dir": str(out / "morlhf"),
+        },
+        "soups": {
+            "objectives": OBJECTIVES,
+            "ingredients": [str(out / "morlhf")] * len(OBJECTIVES),  # its models at w = (1, 0) and (0, 1)
+            "model_name_or_path": base_model,
+            "sample_max_new_tokens": 48,
+            "output_dir": str(out / "soups"),
+        },
+        "sft": {
+            **common,
+            "dataset": str(out / "data" / "samples.jsonl"),
+            "max_steps": size["sft_steps"],
+            "per_device_train_batch_size": 16,
+            "learning_rate": 1e-3,
+            "lr_scheduler_type": "linear",
+            "max_length": size["max_length"],
+            "output_dir": str(out / "sft"),
+        },
+        "paretohqd": {
+            **common,
+            "dataset": str(out / "data" / "samples.jsonl"),
+            "preferences": PREFERENCES,
+            "stages": 1,
+            "k": size["hqd_k"],
+            "stage1_max_steps": size["hqd_steps"],
+            "per_device_train_batch_size": 16,
+            "learning_rate": 1e-3,
+            "lr_scheduler_type": "linear",
+            "max_length": size["max_length"],
+            "selection_plots": False,
+            "output_dir": str(out / "paretohqd"),
         },
     }
     paths = {}
@@ -116,8 +164,10 @@ def write_data(out: Path, task: CandidateTask, draws: int, seed: int) -> None:
 def policy_logps(policy, task: CandidateTask, weights) -> np.ndarray:
     """A run's exact distribution over the candidates for one preference (the model and prompt it serves)."""
     w = policy.check_weights(weights)
-    if hasattr(policy, "model_for"):
+    if hasattr(policy, "nearest"):  # one model per preference
         model, tokenizer = policy.model_for(policy.nearest(w))
+    elif hasattr(policy, "model_for"):  # a soup, built for w
+        model, tokenizer = policy.model_for(w), policy.tokenizer
     elif hasattr(policy, "model"):
         model, tokenizer = policy.model, policy.tokenizer
     else:
@@ -125,10 +175,13 @@ def policy_logps(policy, task: CandidateTask, weights) -> np.ndarray:
     return candidate_logps(model, tokenizer, task, prompt_for=lambda x: policy.prompt_for(x, w))
 
 
-RECIPES = {
+RECIPES = {  # the module whose `train` runs the method, and its config class (or its command's own parser)
     "modpo": "moalign.methods.modpo:MODPOConfig",
     "ric": "moalign.methods.ric:RiCConfig",
     "morl": "moalign.methods.morl:MORLConfig",
+    "soups": "moalign.methods.soups:parse_soups_config",
+    "sft": "moalign.methods.sft:SFTRunConfig",
+    "paretohqd": "moalign.methods.paretohqd:ParetoHqDConfig",
 }
 
 
@@ -136,12 +189,13 @@ def train_method(name: str, recipe: Path) -> float:
     """Train one method from its YAML with its own recipe (its module's `train`); returns seconds."""
     import importlib
 
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
 
-    module_name, _, class_name = RECIPES[name].partition(":")
+    module_name, _, attribute = RECIPES[name].partition(":")
     module = importlib.import_module(module_name)
+    target, argv = getattr(module, attribute), ["--config", str(recipe)]
     start = time.perf_counter()
-    module.train(parse_config(getattr(module, class_name), ["--config", str(recipe)]))
+    module.train(parse_config(target, argv) if isinstance(target, type) else target(argv))
     return time.perf_counter() - start
 
 
@@ -149,26 +203,27 @@ def run_exact(
     out: Path,
     quick: bool = False,
     seed: int = 0,
-    methods: tuple[str, ...] = ("modpo", "ric", "morl"),
+    methods: tuple[str, ...] = METHODS,
     base_model: str | None = None,
+    size: dict[str, int] | None = None,
 ) -> dict:
     """Build the task, train the methods, evaluate them exactly; writes exact.json, exact.md and exact_front.png.
+    `size` replaces the quick or full sizes (`SIZES`' keys).
 
     On the demo's one torch thread: the numbers then depend on the seed, not on the machine's core count."""
     from moalign.demo.base_model import demo_threads
 
     with demo_threads():
-        return _run_exact(out, quick, seed, methods, base_model)
+        return _run_exact(out, size or SIZES["quick" if quick else "full"], seed, methods, base_model)
 
 
-def _run_exact(out: Path, quick: bool, seed: int, methods: tuple[str, ...], base_model: str | None) -> dict:
+def _run_exact(out: Path, size: dict[str, int], seed: int, methods: tuple[str, ...], base_model: str | None) -> dict:
     from moalign.cost import estimate
     from moalign.demo.task import prepare_task
     from moalign.generation import load_model
     from moalign.pareto import parse_preferences
     from moalign.policy import load_policy
 
-    size = SIZES["quick" if quick else "full"]
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     base_model = base_model or str(prepare_task().base_model)
@@ -183,7 +238,6 @@ def _run_exact(out: Path, quick: bool, seed: int, methods: tuple[str, ...], base
     # π_ref at each preference: where training starts, so KL(π*_w‖π_ref) is the distance a method should close
     start_points = [policy_point(ref_logp, task, ref_logp, w, BETA) for w in preferences]
     rows = [summarise("base (π_ref)", start_points, task, ref_logp)]
-    costs: dict[str, dict[str, float]] = {}
     for name in methods:
         seconds = train_method(name, recipes[name])
         run_dir = Path(yaml.safe_load(recipes[name].read_text())["output_dir"])
@@ -193,15 +247,14 @@ def _run_exact(out: Path, quick: bool, seed: int, methods: tuple[str, ...], base
             policy_point(policy_logps(policy, task, w), task, ref_logp, w, BETA if targets_beta else None)
             for w in preferences
         ]
-        label = {"modpo": "MODPO", "ric": "RiC (offline)", "morl": "MORLHF (PPO)"}[name]
-        row = summarise(label, points, task, ref_logp)
+        row = summarise(LABELS[name], points, task, ref_logp)
+        # a soup's training is its ingredients' (the manifest sums their stages): MORLHF's one-hot models
         training = read_manifest(run_dir)["training"]
         counted, seconds = float(training.get("flops", 0.0)), float(training.get("seconds", seconds))
-        predicted = estimate(str(recipes[name]))[0].flops
+        predicted = None if name == "soups" else estimate(str(recipes[name]), method=name)[0].flops
         row.update(seconds=seconds, flops=counted, estimated_flops=predicted)
-        costs[name] = {"seconds": seconds, "flops": counted, "estimated_flops": predicted}
         rows.append(row)
-        log.info(f"exact task: {label} trained and evaluated in {seconds:.0f}s")
+        log.info(f"exact task: {LABELS[name]} trained and evaluated in {seconds:.0f}s")
     plot(task, ref_logp, rows, out / "exact_front.png")
     result = {
         "task": {"prompts": task.shape[0], "candidates": task.shape[1], "objectives": task.names, "beta": BETA},
@@ -219,7 +272,7 @@ def table(rows: list[dict[str, Any]], names: list[str]) -> str:
 
     lines = []
     for row in rows:
-        ratio = row.get("flops") and row.get("estimated_flops", 0) / row["flops"]
+        ratio = row.get("flops") and row.get("estimated_flops") and row["estimated_flops"] / row["flops"]
         lines.append(
             {
                 "method": row["name"],
@@ -248,7 +301,8 @@ def print_summary(result: dict, out: Path) -> None:
 
 @dataclass
 class ExactDemoConfig:
-    """`moalign demo --task exact`: MODPO, RiC and MORLHF against the exact KL-regularised front."""
+    """`moalign demo --task exact`: MODPO, RiC, MORLHF, Rewarded Soups, SFT and ParetoHqD against the exact
+    KL-regularised front."""
 
     output_dir: str = field(default="runs/demo_exact", metadata={"help": "where the task, runs and results go"})
     quick: bool = field(default=False, metadata={"help": "a smaller task and fewer steps (a smoke run)"})
@@ -257,7 +311,7 @@ class ExactDemoConfig:
 
 
 def cli(argv: list[str]) -> None:
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
 
     args = parse_config(ExactDemoConfig, argv, required=(), prog="moalign demo --task exact")
     out = Path(args.output_dir)
