@@ -59,7 +59,7 @@ def training_rows(quick: bool) -> list[dict[str, Any]]:
 
     from moalign.demo.images import write_corpus
     from moalign.image.ric import RiCImageConfig, train_denoiser
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
 
     steps = 4 if quick else 20
     with tempfile.TemporaryDirectory() as tmp:

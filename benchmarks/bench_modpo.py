@@ -199,7 +199,7 @@ def train_on_demo(task, run_dir: Path, quick: bool) -> dict[str, Any]:
     import yaml
 
     from moalign.errors import MoalignError
-    from moalign.methods.common import objective_names, parse_config
+    from moalign.methods.config import objective_names, parse_config
     from moalign.methods.modpo import DPORunConfig, MODPOConfig, train, train_dpo
     from moalign.run import read_manifest
 

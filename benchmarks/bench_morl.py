@@ -56,7 +56,7 @@ def eval_prompts_file(task: Any, run_dir: Path, n: int = 64) -> Path:
 
 def demo_config(task: Any, run_dir: Path, quick: bool, *flags: str):
     """configs/morlhf_demo.yaml with the task's cache paths filled in (flags win over the file)."""
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
     from moalign.methods.morl import MORLConfig
 
     argv = ["--config", str(MORLHF_CONFIG), "--model_name_or_path", str(task.base_model)]

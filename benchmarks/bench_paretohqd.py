@@ -45,7 +45,7 @@ def row(metric: str, value: Any, unit: str = "", note: str = "") -> dict[str, An
 
 def demo_config(task: Any, run_dir: Path, quick: bool, stages: int = 2, eval_prompts: Path | None = None):
     """configs/paretohqd_demo.yaml with the task's cache paths filled in (the YAML cannot know them)."""
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
     from moalign.methods.paretohqd import ParetoHqDConfig
 
     argv = ["--config", str(CONFIG), "--model_name_or_path", str(task.base_model)]

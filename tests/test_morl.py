@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moalign.errors import MoalignError
-from moalign.methods.common import parse_config
+from moalign.methods.config import parse_config
 from moalign.methods.morl import MORLConfig, ScalarizedReward, train
 from moalign.methods.ppo import gae, train_ppo
 from moalign.objectives import build_all

@@ -14,7 +14,8 @@ import pytest
 from moalign.cli import main
 from moalign.evaluate import evaluate_runs
 from moalign.generation import SamplingParams
-from moalign.methods.common import CLOCK_FILE, STAGE_MARKER, generate_stage, model_completer
+from moalign.methods.common import generate_stage, model_completer
+from moalign.methods.stages import CLOCK_FILE, STAGE_MARKER
 from moalign.run import write_manifest
 
 PROMPTS = [f"the cat sat on mat {i}" for i in range(10)]

@@ -25,7 +25,7 @@ from moalign.errors import MoalignError
 from moalign.image.pipeline import conditioned_caption, token_budget
 from moalign.image.policy import collapsed
 from moalign.image.ric import CaptionDropout, RiCImageConfig, train
-from moalign.methods.common import parse_config
+from moalign.methods.config import parse_config
 from moalign.methods.ric import QUANTILE_LEVELS, RewardTemplate, parse_prompt, preference_to_targets
 from moalign.objectives import build
 from moalign.objectives.image import ImageResponse, colorfulness

@@ -501,7 +501,7 @@ class EvalConfig:
 
 def cli(argv: list[str]) -> None:
     from moalign.engines import engine_from
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
 
     args = parse_config(
         EvalConfig,

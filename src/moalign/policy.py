@@ -316,7 +316,7 @@ class GenerateConfig:
 
 
 def generate_cli(argv: list[str]) -> None:
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
 
     args = parse_config(
         GenerateConfig,

@@ -166,7 +166,7 @@ class ScoreConfig:
 
 
 def cli(argv: list[str]) -> None:
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
 
     args = parse_config(ScoreConfig, argv, required=("dataset", "objectives", "output"), prog="moalign score")
     output = guard_output(args.output, args.overwrite)

@@ -43,7 +43,7 @@ class CostArguments:
 
 
 def cli(argv: list[str]) -> None:
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
     from moalign.report import markdown_table
 
     args = parse_config(CostArguments, argv, required=(), positionals=[("recipe", None, "the method's YAML config")])

@@ -359,7 +359,7 @@ def estimate(
     """Parse a recipe YAML with its method's own config class (so defaults are the method's) and estimate it."""
     import importlib
 
-    from moalign.methods.common import config_section, parse_config
+    from moalign.methods.config import config_section, parse_config
 
     method = method or guess_method(config_section(path, None))
     if method not in ESTIMATORS:

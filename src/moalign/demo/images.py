@@ -195,7 +195,7 @@ def base_pipeline(out: Path, corpus: Path, config_path: Path) -> Path:
 
     from moalign.image.data import load_images
     from moalign.image.ric import RiCImageConfig, train_denoiser
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
 
     final = out / "base_pipeline"
     if (final / "model_index.json").exists():
@@ -226,7 +226,7 @@ def run_image_demo(out: Path, configs: Path, n_images: int, n_eval_prompts: int,
     from moalign.demo.pipeline import write_prompts
     from moalign.evaluate import evaluate_runs
     from moalign.image import ric
-    from moalign.methods.common import parse_config
+    from moalign.methods.config import parse_config
 
     config_path = configs / CONFIG
     if not config_path.exists():

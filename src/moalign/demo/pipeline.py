@@ -17,7 +17,7 @@ import pandas as pd
 
 from moalign.configs import FOLDER as SHIPPED_CONFIGS
 from moalign.errors import MoalignError
-from moalign.methods.common import objective_names, parse_config
+from moalign.methods.config import objective_names, parse_config
 from moalign.run import read_manifest, write_manifest
 
 log = logging.getLogger("moalign")

@@ -37,18 +37,10 @@ from moalign import distributed
 from moalign.errors import MoalignError, first_line
 from moalign.image.data import load_images
 from moalign.image.pipeline import conditioned_caption, encode_captions, load_pipeline, to_latents, to_pixels
-from moalign.methods.common import (
-    STAGE_MARKER,
-    CommonArguments,
-    finished_stage,
-    last_checkpoint,
-    parse_config,
-    score_cache,
-    stage_args,
-    training_totals,
-    write_run_manifest,
-)
+from moalign.methods.common import score_cache, training_totals, write_run_manifest
+from moalign.methods.config import CommonArguments, parse_config
 from moalign.methods.ric import MAPPINGS, RewardTemplate, mapping_settings, mors_filter, sample_targets
+from moalign.methods.stages import STAGE_MARKER, finished_stage, last_checkpoint, stage_args
 from moalign.models import pick_device
 from moalign.objectives import build_all
 from moalign.objectives.image import ImageResponse

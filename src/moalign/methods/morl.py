@@ -31,21 +31,18 @@ from trl import GRPOConfig
 from moalign import data, distributed
 from moalign.errors import MoalignError, first_line
 from moalign.methods.common import (
-    CommonArguments,
-    finish_stage,
-    finished_stage,
     load_tokenizer,
     lora_config,
-    parse_config,
     score_cache,
     start_run,
     train_per_preference,
-    train_resumable,
     training_totals,
     write_run_manifest,
 )
+from moalign.methods.config import CommonArguments, parse_config
 from moalign.methods.ppo import PPOArguments, train_ppo
 from moalign.methods.ppo import check_config as check_ppo_config
+from moalign.methods.stages import finish_stage, finished_stage, train_resumable
 from moalign.objectives import Objective, build_all
 from moalign.pareto import SCALARIZATIONS, parse_preferences, scalarize
 from moalign.policy import PER_PREFERENCE_POLICY

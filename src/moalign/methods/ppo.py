@@ -45,7 +45,8 @@ from torch import nn
 from moalign import distributed
 from moalign.errors import MoalignError
 from moalign.generation import SamplingParams, generate, prepare_tokenizer
-from moalign.methods.common import finish_stage, finished_stage, last_checkpoint, lora_config
+from moalign.methods.common import lora_config
+from moalign.methods.stages import finish_stage, finished_stage, last_checkpoint
 from moalign.run import atomic_path
 
 log = logging.getLogger("moalign")

@@ -25,18 +25,10 @@ from trl import RewardConfig
 
 from moalign import data, distributed
 from moalign.errors import MoalignError
-from moalign.methods.common import (
-    CommonArguments,
-    finish_stage,
-    finished_stage,
-    load_tokenizer,
-    lora_config,
-    parse_config,
-    stage_args,
-    train_resumable,
-    write_run_manifest,
-)
+from moalign.methods.common import load_tokenizer, lora_config, write_run_manifest
+from moalign.methods.config import CommonArguments, parse_config
 from moalign.methods.feedback import LABELS, SETTINGS
+from moalign.methods.stages import finish_stage, finished_stage, stage_args, train_resumable
 from moalign.objectives.preference import PRINCIPLES_DIR, join_text
 from moalign.run import MANIFEST, read_json, read_manifest
 

@@ -12,15 +12,9 @@ import datasets
 from trl import SFTConfig
 
 from moalign import data
-from moalign.methods.common import (
-    CommonArguments,
-    load_training_data,
-    parse_config,
-    start_run,
-    train_sft,
-    training_totals,
-    write_run_manifest,
-)
+from moalign.methods.common import load_training_data, start_run, training_totals, write_run_manifest
+from moalign.methods.config import CommonArguments, parse_config
+from moalign.methods.stages import train_sft
 from moalign.policy import FIXED_POLICY
 
 

@@ -26,7 +26,9 @@ import torch
 from moalign import distributed
 from moalign.errors import MoalignError, first_line
 from moalign.generation import Completion, load_model, prepare_tokenizer
-from moalign.methods.common import finished_stage, parse_config, training_totals, write_run_manifest
+from moalign.methods.common import training_totals, write_run_manifest
+from moalign.methods.config import parse_config
+from moalign.methods.stages import finished_stage
 from moalign.models import adapter_base, load_tokenizer, pick_device
 from moalign.policy import Policy, generate_by_model
 from moalign.run import MANIFEST, atomic_path, read_manifest

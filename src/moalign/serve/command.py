@@ -51,7 +51,7 @@ class ServeArguments:
 
 
 def parse_config(argv: list[str]) -> tuple[ServeArguments, ServeConfig]:
-    from moalign.methods.common import parse_config as parse_arguments
+    from moalign.methods.config import parse_config as parse_arguments
 
     args = parse_arguments(
         ServeArguments, argv, required=(), positionals=[("run_dir", None, "a run directory (one with moalign.json)")]

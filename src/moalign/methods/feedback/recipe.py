@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from moalign.methods.common import parse_config
+from moalign.methods.config import parse_config
 from moalign.methods.feedback.judges import Answer, Judge, build_judge
 from moalign.methods.feedback.labels import aggregate, summarize
 from moalign.methods.feedback.pairs import Pair, load_pairs

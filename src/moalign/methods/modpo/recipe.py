@@ -20,22 +20,15 @@ from trl import DPOConfig, DPOTrainer
 from moalign import distributed
 from moalign.errors import MoalignError
 from moalign.methods.common import (
-    CommonArguments,
-    finish_stage,
-    finished_stage,
-    gathered_state_dict,
     load_causal_lm,
     load_tokenizer,
     lora_config,
-    objective_names,
-    parse_config,
-    stage_args,
     start_run,
     train_per_preference,
-    train_resumable,
     training_totals,
     write_run_manifest,
 )
+from moalign.methods.config import CommonArguments, objective_names, parse_config
 from moalign.methods.modpo.margins import (
     _dpo_margin_parts,
     cached_margins,
@@ -45,6 +38,7 @@ from moalign.methods.modpo.margins import (
 )
 from moalign.methods.modpo.pairs import PairArguments, load_pairs, pairs_settings, training_dataset
 from moalign.methods.modpo.trainer import MARGIN_COLUMNS, MODPOTrainer, check_dpo_config
+from moalign.methods.stages import finish_stage, finished_stage, gathered_state_dict, stage_args, train_resumable
 from moalign.pareto import parse_preferences
 from moalign.policy import FIXED_POLICY, PER_PREFERENCE_POLICY
 

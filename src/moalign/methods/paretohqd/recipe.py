@@ -37,18 +37,17 @@ from trl import SFTConfig
 from moalign import data, distributed
 from moalign.errors import MoalignError
 from moalign.methods.common import (
-    CommonArguments,
     load_training_data,
-    parse_config,
     score_cache,
     start_run,
     train_per_preference,
-    train_sft,
     training_totals,
     write_run_manifest,
 )
+from moalign.methods.config import CommonArguments, parse_config
 from moalign.methods.paretohqd.selection import DISTANCES, representatives, select_all, write_selection
 from moalign.methods.paretohqd.stage2 import generate_stage2
+from moalign.methods.stages import train_sft
 from moalign.pareto import parse_preferences, preference_name
 from moalign.policy import PER_PREFERENCE_POLICY
 from moalign.run import atomic_write_parquet, read_json, write_json

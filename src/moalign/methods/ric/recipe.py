@@ -26,19 +26,16 @@ from trl import SFTConfig
 from moalign import data, distributed
 from moalign.errors import MoalignError
 from moalign.methods.common import (
-    CommonArguments,
-    finished_stage,
     generate_stage,
     load_training_data,
     model_completer,
-    parse_config,
     sampling_params,
     score_cache,
     start_run,
-    train_sft,
     training_totals,
     write_run_manifest,
 )
+from moalign.methods.config import CommonArguments, parse_config
 from moalign.methods.ric.conditioning import (
     MAPPINGS,
     RewardTemplate,
@@ -47,6 +44,7 @@ from moalign.methods.ric.conditioning import (
     mors_filter,
     sample_targets,
 )
+from moalign.methods.stages import finished_stage, train_sft
 from moalign.objectives import build_all
 from moalign.run import atomic_write_parquet, read_json, write_json
 from moalign.scores import NormStats, score
