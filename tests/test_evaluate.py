@@ -11,13 +11,8 @@ import pytest
 from moalign import cli, policy
 from moalign.data import is_degenerate
 from moalign.errors import MoalignError
-from moalign.evaluate import (
-    default_reference_point,
-    evaluate_policy,
-    evaluate_runs,
-    front_metrics,
-    spearman,
-)
+from moalign.evaluate import evaluate_policy, evaluate_runs
+from moalign.fronts import default_reference_point, front_metrics, spearman
 from moalign.generation import Completion
 from moalign.objectives import build_all
 from moalign.pareto import simplex_grid

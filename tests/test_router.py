@@ -338,7 +338,7 @@ def test_eval_on_a_server_gives_the_front_of_local_generation(runs, capsys):
     """`moalign eval --engine openai`: the RiC run's prompts (rewards written in by the policy) sent to a
     server with its model; a server that honours seeds gives exactly the local front."""
     from moalign.cli import main
-    from moalign.evaluate import load_front
+    from moalign.fronts import load_front
 
     prompts = runs["root"] / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat", "a good day", "cook the rice"]))

@@ -24,32 +24,24 @@ from tqdm.auto import tqdm
 from moalign import distributed, uncertainty
 from moalign.data import is_degenerate
 from moalign.errors import MoalignError
+from moalign.fronts import (
+    check_reference_point,
+    default_reference_point,
+    finite,
+    fmt_number,
+    front_metrics,
+    steerability,
+    summary_table,
+)
 from moalign.generation import SamplingParams
 from moalign.objectives import Objective, build_all
-from moalign.pareto import hypervolume, non_dominated, simplex_grid, validate_weights
+from moalign.pareto import non_dominated, simplex_grid, validate_weights
 from moalign.policy import check_complete
-from moalign.run import read_json, read_manifest, write_json
+from moalign.run import read_manifest, write_json
 from moalign.scores import ScoreCache, score
 
 N_SAMPLES = 3  # responses per preference kept for the report
 EVAL_CHUNKS = "eval_chunks"  # a run's generation chunks while `moalign eval` runs (removed once front.json is written)
-REFERENCE_MARGIN = 0.1  # default reference point: the worst score minus this share of the span
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation over the finite pairs; NaN when either side is constant or has < 2 values."""
-    from scipy.stats import spearmanr
-
-    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    keep = np.isfinite(a) & np.isfinite(b)
-    if keep.sum() < 2 or np.ptp(a[keep]) == 0 or np.ptp(b[keep]) == 0:
-        return math.nan
-    return float(spearmanr(a[keep], b[keep]).statistic)
-
-
-def steerability(preferences: np.ndarray, points: np.ndarray, names: Sequence[str]) -> dict[str, float]:
-    """Per objective, how monotonically its mean score follows its own weight over the grid (1 is perfect)."""
-    return {name: spearman(preferences[:, i], points[:, i]) for i, name in enumerate(names)}
 
 
 def _count_tokens(policy: Any, texts: list[str]) -> tuple[int, str]:
@@ -179,51 +171,6 @@ def _responses(
     folder = chunks / preference_name(w)
     completions, _ = generate_stage(folder, prompts, rows, complete, chunk_size, key=[key, weights.tolist()])
     return [c.text for c in completions]
-
-
-def default_reference_point(fronts: Sequence[np.ndarray | Sequence[Sequence[float]]]) -> list[float]:
-    """Per objective, the worst mean score of any run minus 10% of the span across runs.
-
-    Shared by every run compared so that their hypervolumes are comparable; where all points agree on
-    an objective the margin is 10% of its magnitude (at least 0.1) so that the volume stays positive.
-    """
-    stacked = np.vstack([np.asarray(front, dtype=float) for front in fronts])
-    low, high = stacked.min(axis=0), stacked.max(axis=0)
-    span = high - low
-    margin = np.where(span > 0, REFERENCE_MARGIN * span, REFERENCE_MARGIN * np.maximum(np.abs(low), 1.0))
-    return (low - margin).tolist()
-
-
-def check_reference_point(reference_point: Sequence[float] | str, n_objectives: int) -> list[float]:
-    """Parse 'a,b' or a sequence into one finite number per objective."""
-    if isinstance(reference_point, str):
-        try:
-            reference_point = [float(part) for part in reference_point.split(",")]
-        except ValueError:
-            raise MoalignError(
-                f"reference point {reference_point!r} must be comma-separated numbers, e.g. -1,-50"
-            ) from None
-    values = [float(v) for v in reference_point]
-    if len(values) != n_objectives:
-        raise MoalignError(
-            f"reference point {values} has {len(values)} entries, expected {n_objectives} (one per objective)"
-        )
-    if not all(math.isfinite(v) for v in values):
-        raise MoalignError(f"reference point {values} must be finite")
-    return values
-
-
-def front_metrics(points: np.ndarray | Sequence[Sequence[float]], reference_point: Sequence[float]) -> dict[str, Any]:
-    """The non-dominated points (indices) and their hypervolume above the shared reference point."""
-    matrix = np.asarray(points, dtype=float)
-    reference = check_reference_point(reference_point, matrix.shape[1])
-    mask = non_dominated(matrix)
-    return {
-        "non_dominated": np.flatnonzero(mask).tolist(),
-        "n_non_dominated": int(mask.sum()),
-        "reference_point": reference,
-        "hypervolume": hypervolume(matrix[mask], reference),
-    }
 
 
 def load_prompts(path: str | Path) -> list[str]:
@@ -392,71 +339,17 @@ def _write_fronts(
         if resampled is not None:
             front["hypervolume_interval"] = uncertainty.hypervolume_interval(resampled, front["reference_point"])
         run = Path(front["run"])
-        write_json(run / "front.json", _finite(front))
+        write_json(run / "front.json", finite(front))
         report.plot_fronts([front], run / "front.png")
         report.write_html([front], run / "report.html", plot=run / "front.png")
         shutil.rmtree(run / EVAL_CHUNKS, ignore_errors=True)
     if len(fronts) > 1:
         out = Path(output_dir) if output_dir else runs[0].resolve().parent
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "fronts.json", _finite({"reference_point": reference, "runs": fronts}))
+        write_json(out / "fronts.json", finite({"reference_point": reference, "runs": fronts}))
         report.plot_fronts(fronts, out / "fronts.png")
         report.write_html(fronts, out / "report.html", plot=out / "fronts.png")
     return fronts
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: undefined numbers (a constant objective's steerability) become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def load_front(run_dir: str | Path) -> dict[str, Any]:
-    """A run's front.json as `moalign eval` wrote it."""
-    path = Path(run_dir) / "front.json"
-    if not path.exists():
-        raise MoalignError(f"{run_dir} has no front.json; run `moalign eval {run_dir}` first")
-    return read_json(path)
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
-def _fmt_interval(bounds: Sequence[float] | None, digits: int) -> str:
-    """` [low, high]`, the 95% bootstrap interval, or nothing where there is none."""
-    if not bounds or any(not math.isfinite(float(b)) for b in bounds):
-        return ""
-    return f" [{_fmt(bounds[0], digits)}, {_fmt(bounds[1], digits)}]"
-
-
-def summary_table(fronts: Sequence[dict[str, Any]]) -> str:
-    """The short table `moalign eval` prints: run, method, hypervolume, collapse rate, steerability."""
-    header = ["run", "method", "hypervolume", "non-dom", "collapse", "steerability"]
-    rows = [
-        [
-            front["name"],
-            front["method"],
-            _fmt(front["hypervolume"], 4) + _fmt_interval(front.get("hypervolume_interval"), 2),
-            f"{front['n_non_dominated']}/{len(front['points'])}",
-            f"{front['collapse_rate']:.0%}",
-            " ".join(
-                f"{name}={_fmt(value, 2)}{_fmt_interval(front.get('steerability_interval', {}).get(name), 2)}"
-                for name, value in front["steerability"].items()
-            ),
-        ]
-        for front in fronts
-    ]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
 
 
 def _join_negative_values(argv: list[str], flag: str) -> list[str]:
@@ -528,7 +421,7 @@ def cli(argv: list[str]) -> None:
         engine=engine_from(args.engine, args.base_url, args.engine_concurrency, ("--engine", "--base_url")),
     )
     print(summary_table(fronts))
-    print(f"reference point: {', '.join(_fmt(v, 4) for v in fronts[0]['reference_point'])}")
+    print(f"reference point: {', '.join(fmt_number(v, 4) for v in fronts[0]['reference_point'])}")
     if len(fronts) > 1:
         out = Path(args.output_dir) if args.output_dir else Path(args.runs[0]).resolve().parent
         print(f"report: {out / 'report.html'}")

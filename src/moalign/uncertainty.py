@@ -41,7 +41,7 @@ def hypervolume_interval(fronts: np.ndarray, reference_point: Sequence[float]) -
 
 def steerability_intervals(preferences: np.ndarray, fronts: np.ndarray, names: Sequence[str]) -> dict[str, list[float]]:
     """Per objective, the interval of the rank correlation of its weight with its mean score."""
-    from moalign.evaluate import spearman
+    from moalign.fronts import spearman
 
     grid = np.asarray(preferences, dtype=float)
     out: dict[str, list[float]] = {}
