@@ -2,6 +2,9 @@
 
     python benchmarks/run.py [--quick] [--only NAME]
 
+With `--only`, the named modules are rerun and the other sections of the previous latest.json are kept, each
+with the time it was measured, so one benchmark can be redone without redoing them all.
+
 Every `benchmarks/bench_*.py` exposes `run(quick: bool) -> list[dict]`; each row has `section`,
 `metric`, `value`, `unit`, `note` and optionally `baseline` and `ratio`. Benchmarks measure, they do
 not judge: the report holds numbers and the machine they came from, never pass or fail. A module
@@ -101,13 +104,31 @@ def run_module(path: Path, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def merge_previous(rows: list[dict[str, Any]], previous: Path) -> list[dict[str, Any]]:
+    """`rows` (the modules just run) plus the previous run's rows of every other module, in module order."""
+    import json
+
+    if not previous.exists():
+        return rows
+    rerun = {row["module"] for row in rows}
+    before = json.loads(previous.read_text())
+    kept = [{"when": before["when"], **row} for row in before["rows"] if row.get("module") not in rerun]
+    return sorted(kept + rows, key=lambda row: row.get("module", ""))
+
+
 def render(info: dict[str, Any], rows: list[dict[str, Any]], quick: bool, when: str) -> str:
     from moalign.report import markdown_table
 
+    measured = sorted({row["when"] for row in rows if row.get("when", when) != when})
     lines = [
         "# moalign benchmarks",
         "",
         f"{when}, {'quick' if quick else 'full'} mode. Measurements only; no thresholds are applied.",
+        *(
+            [f"Sections marked with an earlier time were kept from the runs of {', '.join(measured)}."]
+            if measured
+            else []
+        ),
         "",
         "## Machine",
         "",
@@ -116,7 +137,9 @@ def render(info: dict[str, Any], rows: list[dict[str, Any]], quick: bool, when: 
     for section in dict.fromkeys(row["section"] for row in rows):
         chosen = [row for row in rows if row["section"] == section]
         columns = [c for c in COLUMNS if c in ("metric", "value", "unit", "note") or any(c in r for r in chosen)]
-        lines += ["", f"## {section}", "", markdown_table(chosen, columns)]
+        earlier = chosen[0].get("when", when)
+        title = f"## {section}" + (f" (measured {earlier})" if earlier != when else "")
+        lines += ["", title, "", markdown_table(chosen, columns)]
     return "\n".join(lines) + "\n"
 
 
@@ -141,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     from moalign.run import atomic_write_text, write_json
 
     out = Path(args.output_dir)
+    for row in rows:
+        row["when"] = when
+    if args.only:
+        rows = merge_previous(rows, out / "latest.json")
     text = render(info, rows, args.quick, when)
     atomic_write_text(out / "latest.md", text)
     write_json(out / "latest.json", {"when": when, "quick": args.quick, "machine": info, "rows": rows})
