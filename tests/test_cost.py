@@ -98,6 +98,37 @@ def test_cost_estimate_agrees_with_a_real_sft_run(tmp_path: Path, lora: bool):
     assert predicted.flops == pytest.approx(measured, rel=0.10)
 
 
+def test_evaluation_generation_is_counted(tmp_path: Path):
+    """`moalign eval`'s generation: 2·N per prompt token and per generated token, with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from moalign.evaluate import evaluate_policy
+    from moalign.generation import SamplingParams
+    from moalign.objectives import build_all
+    from moalign.policy import load_policy
+
+    model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    config = recipe(
+        tmp_path,
+        "sft",
+        model_name_or_path=str(model),
+        dataset=str(write_data(tmp_path / "d.jsonl", False)),
+        objectives=["length", "brevity"],
+        max_steps=1,
+    )
+    assert main(["sft", "--config", str(config)]) == 0
+    prompts = [" ".join(text.split()[:3]) for text in CORPUS[:4]]
+    policy = load_policy(tmp_path / "sft", device="cpu")
+    result = evaluate_policy(
+        policy, prompts, build_all(["length", "brevity"]), [[0.5, 0.5], [1.0, 0.0]], SamplingParams(max_new_tokens=5)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prefill = sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    # one generation (an SFT model serves every preference alike): its answers, re-tokenised, and its prompts
+    assert result["generated"] > 0
+    assert result["flops"] == 2 * size_from_config(str(model)).matmul * (prefill + result["generated"])
+
+
 def test_cost_estimate_agrees_with_a_real_modpo_run(tmp_path: Path):
     model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
     config = recipe(
@@ -150,6 +181,38 @@ def test_modpo_margin_pass_of_a_dpo_margin_model_is_counted(tmp_path: Path):
     assert margins["flops"] == 2 * 2 * size_from_config(str(model)).matmul * tokens  # two models, 2·N per token
     predicted = {s.name: s.flops for s in estimate(str(modpo))[0].stages}
     assert predicted["margins"] == pytest.approx(margins["flops"], rel=0.10)
+
+
+def test_paretohqd_scoring_by_a_reward_model_is_counted(tmp_path: Path):
+    """ParetoHqD's scoring stage: a reward model reads every sample once at 2·N_rm per token; `moalign cost`
+    of the same YAML agrees with the run's total within 10%."""
+    from transformers import AutoTokenizer
+
+    from moalign.testing import build_classifier
+
+    model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    scorer = build_classifier(tmp_path / "rm", n_embd=16, n_layer=1)
+    data = write_data(tmp_path / "d.jsonl", False)
+    config = recipe(
+        tmp_path,
+        "paretohqd",
+        model_name_or_path=str(model),
+        dataset=str(data),
+        objectives=[f"hf:{scorer}", "brevity"],
+        preferences=["1,0", "0,1"],
+        stages=1,
+        k=4,
+        stage1_max_steps=2,
+        selection_plots=False,
+    )
+    assert main(["paretohqd", "--config", str(config)]) == 0
+    training = read_manifest(tmp_path / "paretohqd")["training"]
+    tokenizer = AutoTokenizer.from_pretrained(scorer)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    read = sum(len(tokenizer(r["prompt"] + r["response"])["input_ids"]) for r in rows)
+    assert training["stages"]["scoring"]["flops"] == 2 * (12 * 16**2 + 16) * read  # one block and a score head
+    predicted, _, _ = estimate(str(config))
+    assert predicted.flops == pytest.approx(training["flops"], rel=0.10)
 
 
 def test_cost_command_on_a_papers_recipe(tmp_path: Path, capsys):

@@ -58,6 +58,32 @@ def _count_tokens(policy: Any, texts: list[str]) -> tuple[int, str]:
     return sum(len(text.split()) for text in texts), "words"
 
 
+def _generation_flops(policy: Any, prompts: list[str], responses: list[str], w: np.ndarray) -> float:
+    """2·N per prompt token (prefill) and per generated token (moalign.cost), counted with the serving model's
+    tokenizer; N the run's base model's (every model of a per-preference run or a soup shares its architecture).
+    Not counted for images."""
+    base = getattr(policy, "manifest", {}).get("base_model")
+    if getattr(policy, "output_unit", None) or not base:
+        return 0.0
+    from moalign.cost import size_from_config
+    from moalign.models import load_tokenizer
+
+    weights = policy.check_weights(w)
+    # the tokenizer alone (a policy served by an upstream engine has no weights loaded), from the serving model's
+    # folder: the preference's model, a soup's first ingredient, or the run's one model
+    if hasattr(policy, "nearest"):
+        folder = policy.paths[policy.nearest(weights)]
+    elif hasattr(policy, "folders"):
+        folder = policy.folders[0]
+    else:
+        folder = policy.run_dir / policy.manifest.get("model", "model")
+    tokenizer = load_tokenizer(str(folder))
+    prefill = tokenizer([policy.prompt_for(p, weights) for p in prompts])["input_ids"]
+    generated = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    tokens = sum(len(ids) for ids in prefill) + sum(len(ids) for ids in generated)
+    return size_from_config(base).forward_per_token * tokens
+
+
 def evaluate_policy(
     policy: Any,
     prompts: Sequence[str],
@@ -93,7 +119,7 @@ def evaluate_policy(
     cache = cache if cache is not None else ScoreCache()
 
     points, scored, samples, collapse_rates = [], [], [], []
-    tokens, unit, seconds = 0, "tokens", 0.0
+    tokens, unit, seconds, flops = 0, "tokens", 0.0, 0.0
     label = f"evaluating {getattr(policy, 'run_dir', Path('policy')).name}"
     done: dict[Any, tuple[list[float], float, list[dict[str, Any]]]] = {}
     variant = getattr(policy, "variant", lambda weights: tuple(weights))
@@ -107,6 +133,7 @@ def evaluate_policy(
                 raise MoalignError(f"the policy returned {len(responses)} responses for {len(prompts)} prompts")
             count, unit = _count_tokens(policy, responses)
             tokens += count
+            flops += _generation_flops(policy, prompts, responses, w)
             # on the main process, which has every response: the other ranks would score them all again
             scores = distributed.run_on_main(score, objectives, prompts, responses, cache, progress=False)
             collapse = getattr(policy, "degenerate", None)  # a policy's own rule (images: identical images)
@@ -147,6 +174,7 @@ def evaluate_policy(
         "generated": tokens,
         "generated_unit": unit,
         "generated_per_second": tokens / seconds if seconds > 0 else math.nan,
+        "flops": flops,
         "sampling": dict(vars(sampling)),
     }
 

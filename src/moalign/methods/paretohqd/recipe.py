@@ -105,8 +105,9 @@ def validate(config: ParetoHqDConfig) -> None:
         raise MoalignError(f"ParetoHqD needs at least two objectives, got {list(config.objectives)}")
 
 
-def score_training_data(config: ParetoHqDConfig, objectives, run_dir: Path) -> tuple[pd.DataFrame, float]:
-    """The training samples with a score column per objective, cached in `scores.parquet`; and seconds spent."""
+def score_training_data(config: ParetoHqDConfig, objectives, run_dir: Path) -> tuple[pd.DataFrame, float, float]:
+    """The training samples with a score column per objective, cached in `scores.parquet`; and the seconds and
+    FLOPs (moalign.cost: model-based objectives) the scoring spent."""
     names = [objective.name for objective in objectives]
     source = load_training_data(config)
     prompts, responses = data.to_samples(source)
@@ -129,8 +130,8 @@ def score_training_data(config: ParetoHqDConfig, objectives, run_dir: Path) -> t
             log.info(f"scores: reusing {cached}")
             for name in names:
                 frame[name] = previous[name].to_numpy(dtype=float)
-            return frame, 0.0
-    start = time.perf_counter()
+            return frame, 0.0, 0.0
+    start, flops = time.perf_counter(), 0.0
     columns = set(source.column_names)
     if config.use_score_columns and not data.is_pairs(source) and set(names) <= columns:
         log.info(f"scores: using the dataset's columns {names}")
@@ -140,11 +141,14 @@ def score_training_data(config: ParetoHqDConfig, objectives, run_dir: Path) -> t
                 raise MoalignError(f"score column {name!r} of {config.dataset} has NaN or infinite values")
             frame[name] = values
     else:
+        from moalign.cost import scoring_flops
+
         for name, values in score(objectives, prompts, responses, score_cache(config)).items():
             frame[name] = values
+        flops = scoring_flops(objectives, prompts, responses)
     seconds = time.perf_counter() - start
     atomic_write_parquet(frame, cached)
-    return frame, seconds
+    return frame, seconds, flops
 
 
 def completions(frame: pd.DataFrame, rows: np.ndarray) -> datasets.Dataset:
@@ -215,9 +219,10 @@ def train(config: ParetoHqDConfig) -> Path:
     timings = read_json(timings_path) if timings_path.exists() else {}
 
     with distributed.main_first():  # the main process scores and caches; the others read its cache
-        frame, scoring_seconds = score_training_data(config, objectives, run_dir)
+        frame, scoring_seconds, flops = score_training_data(config, objectives, run_dir)
     if scoring_seconds or "scoring_seconds" not in timings:
         timings["scoring_seconds"] = scoring_seconds
+        timings["scoring_flops"] = flops
         distributed.run_on_main(write_json, timings_path, timings)
     selections, layers, low, high = select_all(frame, names, preferences, config.k, config.n_layers, config.distance)
     plots = config.selection_plots or config.select_only
@@ -232,7 +237,8 @@ def train(config: ParetoHqDConfig) -> Path:
     base = [config.model_name_or_path] * len(preferences)
     data1 = [completions(frame, chosen) for chosen in selections]
     stage1 = train_stage("stage1", base, data1, preferences, config, run_dir, "stage1/models", config.stage1_max_steps)
-    training1 = training_totals({"scoring": {"seconds": timings["scoring_seconds"]}, "stage1": training_totals(stage1)})
+    scoring = {"seconds": timings["scoring_seconds"], "flops": timings.get("scoring_flops", 0.0)}
+    training1 = training_totals({"scoring": scoring, "stage1": training_totals(stage1)})
     details = {"k": config.k, "n_layers": config.n_layers, "distance": config.distance}
     details.update(preferences=preferences.tolist(), selection_stage1=summary1)
     fields = {"stats": NormStats.fit(frame, names).to_dict(), "normalisation": "minmax"}

@@ -108,10 +108,13 @@ def score_stage2(
     start = time.perf_counter()
     for name, values in score(objectives, generated["prompt"], generated["response"], score_cache(config)).items():
         generated[name] = values
+    from moalign.cost import scoring_flops
+
     info = {
         "generation_seconds": generation["seconds"],
         "generated_tokens": generation["tokens"],
-        "flops": generation["flops"],  # the representative models' generation (moalign.cost)
+        # the representative models' generation and the model-based objectives' scoring of it (moalign.cost)
+        "flops": generation["flops"] + scoring_flops(objectives, generated["prompt"], generated["response"]),
         "generation_wait_seconds": generation["wait_seconds"],
         "scoring_seconds": time.perf_counter() - start,
         "prompts": len(prompts),

@@ -24,6 +24,7 @@ import pandas as pd
 from trl import SFTConfig
 
 from moalign import data, distributed
+from moalign.cost import scoring_flops
 from moalign.errors import MoalignError
 from moalign.methods.common import (
     generate_stage,
@@ -139,7 +140,8 @@ class RiCRecipe:
             frame[name] = raw[name]
             frame[f"z_{name}"] = z[:, i]
         atomic_write_parquet(frame, path)
-        self.record("prepare", {"seconds": time.perf_counter() - start, "samples": len(frame)})
+        flops = scoring_flops(self.objectives, prompts, responses)  # model-based objectives (moalign.cost)
+        self.record("prepare", {"seconds": time.perf_counter() - start, "samples": len(frame), "flops": flops})
         return frame
 
     def stats(self, offline: pd.DataFrame) -> NormStats:
@@ -252,6 +254,9 @@ class RiCRecipe:
             f"generate_{k}",
             {
                 **generation,
+                # the generation's FLOPs and the model-based objectives' scoring of its usable answers (moalign.cost)
+                "flops": generation.get("flops", 0.0)
+                + scoring_flops(self.objectives, frame["prompt"], frame["response"]),
                 "generated": len(prompts),
                 "degenerate": len(prompts) - len(fine),
                 "kept": int(frame["kept"].sum()),
