@@ -216,7 +216,21 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> dict:
     samples.write_text("".join(json.dumps(r) + "\n" for r in answers))
     cache = root / "scores.sqlite"
     objectives = ["--objectives", "vader", "brevity"]
-    names = ("sft", "modpo", "rloo", "ppo", "ric", "paretohqd", "sft1", "modpo1", "rloo1", "ppo1", "ric1", "paretohqd1")
+    names = (
+        "sft",
+        "modpo",
+        "rloo",
+        "ppo",
+        "ric",
+        "paretohqd",
+        "pm",
+        "sft1",
+        "modpo1",
+        "rloo1",
+        "ppo1",
+        "ric1",
+        "paretohqd1",
+    )
     runs = {name: root / name for name in names}
 
     def sft(out: Path, batch: int) -> list[str]:
@@ -258,7 +272,17 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> dict:
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     first = [sft(runs["sft"], 2), modpo(runs["modpo"], 2), rl("rloo", runs["rloo"], 2), rl("ppo", runs["ppo"], 2), ric]
-    second = [ric, paretohqd(runs["paretohqd"], 1), evaluate(runs["ric"])]
+    # MORLAIF's preference model on the toy labels of test_preference_model (one principle, two steps)
+    from test_preference_model import toy_labels
+
+    from moalign.testing import build_classifier
+
+    feedback = root / "feedback"
+    feedback.mkdir()
+    toy_labels().to_parquet(feedback / "labels.parquet")
+    pm = ["pm", *common(build_classifier(root / "classifier"), feedback, runs["pm"], cache, max_steps=2)]
+    pm += flags(principles="kindness", eval_fraction=0.25, per_device_train_batch_size=4, max_length=64)
+    second = [ric, paretohqd(runs["paretohqd"], 1), evaluate(runs["ric"]), pm]
     for trace, launcher, commands, fail in zip(trace_dirs, (accelerate, torchrun), (first, second), ("1", "0")):
         trace.mkdir()
         env = {**os.environ, "TRACE_DIR": str(trace), "FAIL_AFTER_CHUNKS": fail, "HF_HUB_OFFLINE": "1"}
@@ -298,7 +322,7 @@ def test_first_launch_was_killed_during_ric_generation(launched):
     assert chunks == []  # the resumed run finished and removed them
 
 
-@pytest.mark.parametrize("name", ["sft", "modpo", "rloo", "ppo", "ric", "paretohqd"])
+@pytest.mark.parametrize("name", ["sft", "modpo", "rloo", "ppo", "ric", "paretohqd", "pm"])
 def test_world_size_two_one_manifest_identical_weights(launched, name):
     run = launched["runs"][name]
     manifest = json.loads((run / "moalign.json").read_text())
@@ -434,6 +458,12 @@ def test_eval_on_two_processes_writes_the_front_of_one_process(launched):
     assert {k: v for k, v in fronts[0].items() if k not in timing} == {
         k: v for k, v in fronts[1].items() if k not in timing
     }
+
+
+def test_preference_model_on_two_processes(launched):
+    entry = json.loads((launched["runs"]["pm"] / "moalign.json").read_text())["principles"]["kindness"]
+    assert entry["heldout_pairs"] == 30 and entry["steps"] == 2  # 120 toy pairs, a quarter held out
+    assert 0 <= entry["judge_accuracy"] <= 1 and not (launched["runs"]["pm"] / "checkpoints").exists()
 
 
 def test_an_error_on_the_main_process_reaches_the_other_rank_in_one_line(launched):

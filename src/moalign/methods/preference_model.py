@@ -288,7 +288,12 @@ def train(config: PMConfig) -> Path:
         model_dir = run_dir / PRINCIPLES_DIR / principle
         # Held-out pairs are scored for accuracy; all pairs when weights are fitted on the training ones.
         scored = frame if config.fit_weights else frame[held]
-        r_a, r_b = score_pairs(model_dir, scored, config.score_batch_size) if len(scored) else (np.zeros(0),) * 2
+        # on the main process alone: every rank would load the model and score all the pairs again
+        r_a, r_b = (
+            distributed.run_on_main(score_pairs, model_dir, scored, config.score_batch_size)
+            if len(scored)
+            else (np.zeros(0),) * 2
+        )
         scores[principle] = (r_a, r_b)
         mask = held if config.fit_weights else np.ones(len(scored), dtype=bool)
         entry = {"path": f"{PRINCIPLES_DIR}/{principle}", **stats}
@@ -319,7 +324,7 @@ def train(config: PMConfig) -> Path:
         feedback=str(config.dataset),
         eval_fraction=config.eval_fraction,
         margin_scale=config.margin_scale,
-        training={"seconds": time.perf_counter() - start},
+        training={"seconds": time.perf_counter() - start, "world_size": distributed.world_size()},
         **fields,
     )
     distributed.remove(run_dir / "checkpoints")
