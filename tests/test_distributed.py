@@ -282,7 +282,10 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> dict:
     toy_labels().to_parquet(feedback / "labels.parquet")
     pm = ["pm", *common(build_classifier(root / "classifier"), feedback, runs["pm"], cache, max_steps=2)]
     pm += flags(principles="kindness", eval_fraction=0.25, per_device_train_batch_size=4, max_length=64)
-    second = [ric, paretohqd(runs["paretohqd"], 1), evaluate(runs["ric"]), pm]
+    # a soup of the sft model and the modpo one, copied into the soup's run directory (by the main process)
+    soups = ["soups", *objectives, "--output_dir", str(root / "soups"), "--copy_ingredients", "true"]
+    soups += ["--ingredients", str(runs["sft"] / "model"), str(runs["modpo"] / "models" / "w0.5-0.5")]
+    second = [ric, paretohqd(runs["paretohqd"], 1), evaluate(runs["ric"]), pm, soups]
     for trace, launcher, commands, fail in zip(trace_dirs, (accelerate, torchrun), (first, second), ("1", "0")):
         trace.mkdir()
         env = {**os.environ, "TRACE_DIR": str(trace), "FAIL_AFTER_CHUNKS": fail, "HF_HUB_OFFLINE": "1"}
@@ -464,6 +467,16 @@ def test_preference_model_on_two_processes(launched):
     entry = json.loads((launched["runs"]["pm"] / "moalign.json").read_text())["principles"]["kindness"]
     assert entry["heldout_pairs"] == 30 and entry["steps"] == 2  # 120 toy pairs, a quarter held out
     assert 0 <= entry["judge_accuracy"] <= 1 and not (launched["runs"]["pm"] / "checkpoints").exists()
+
+
+def test_soups_on_two_processes_copy_each_ingredient_once(launched):
+    run = launched["runs"]["sft"].parent / "soups"
+    manifest = json.loads((run / "moalign.json").read_text())
+    assert manifest["training"]["world_size"] == 2
+    assert [entry["path"] for entry in manifest["ingredients"]] == ["ingredients/vader", "ingredients/brevity"]
+    copied = (run / "ingredients" / "vader" / "model.safetensors").read_bytes()
+    assert copied == (launched["runs"]["sft"] / "model" / "model.safetensors").read_bytes()
+    assert not list(run.rglob(".*.tmp*"))
 
 
 def test_an_error_on_the_main_process_reaches_the_other_rank_in_one_line(launched):
