@@ -134,3 +134,14 @@ def test_evaluation_killed_mid_generation_resumes(tiny_lm, tmp_path, monkeypatch
     assert calls["n"] == -1000 + 1  # only the lost third chunk (a fixed model answers every preference alike)
     assert np.allclose(front["points"], expected["points"])
     assert not (run / "eval_chunks").exists()
+
+
+def test_eval_rejects_a_chunk_size_below_one_in_one_line(tiny_lm, tmp_path, capsys):
+    run, prompts = tmp_path / "base", tmp_path / "prompts.jsonl"
+    run.mkdir()
+    write_manifest(run, {"method": "base", "model": str(tiny_lm), "objectives": ["length", "brevity"]})
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    assert main(["eval", str(run), "--prompts", str(prompts), "--generation_chunk_size", "0"]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert errors == ["moalign eval: error: --generation_chunk_size must be ≥ 1, got 0"]
+    assert sorted(p.name for p in run.iterdir()) == ["moalign.json"]  # no chunks, no front

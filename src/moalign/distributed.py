@@ -175,7 +175,7 @@ def map_chunks(
     chunks of every invocation, and `wait_seconds`, how long the main process waited for the others.
     """
     if chunk_size < 1:
-        raise MoalignError(f"chunk size must be ≥ 1, got {chunk_size}")
+        raise MoalignError(f"generation_chunk_size must be ≥ 1, got {chunk_size}")  # the flag of every caller
     n_chunks = -(-n_items // chunk_size)
 
     def prepare() -> list[int]:

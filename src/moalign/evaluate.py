@@ -309,6 +309,8 @@ def evaluate_runs(
         reference_point = check_reference_point(reference_point, n)
     if divisions < 1:
         raise MoalignError(f"--divisions must be ≥ 1, got {divisions}")
+    if chunk_size < 1:
+        raise MoalignError(f"--generation_chunk_size must be ≥ 1, got {chunk_size}")
     prompt_list = _resolve_prompts(prompts, manifests, n_prompts)
     objectives = build_all(specs)
     if names and [o.name for o in objectives] != names:
