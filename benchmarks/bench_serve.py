@@ -8,13 +8,20 @@ the embedded demo's base model.
 The router (`moalign serve RUN --upstream URL`, another subprocess) is measured against the same
 upstream (moalign's native server) reached directly, with the same requests: the latency it adds one
 request at a time (p50, p99), and its throughput at 200 concurrent clients relative to the upstream's
-(best of three rounds each, alternating, so that both see the same machine load). Native streaming:
+(best of two rounds each, alternating, so that both see the same machine load). Native streaming:
 time to the first chunk against time to the last, one request of 64 tokens at a time.
+
+Where the CPU goes: beside a GPU engine the router has CPU to itself, while here the upstream samples
+on the CPU. So the router runs on a core of its own (`os.sched_setaffinity`, inherited by the process
+it starts): on two cores the upstream and the clients share the other one, on three or more each has
+its own. The CPU seconds each server process used during the throughput rounds, per request, are
+reported too: what the router would take from an engine that shared its cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -24,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,41 @@ def make_run(workdir: Path) -> tuple[Path, list[str]]:
     return run_dir, prompts
 
 
+@contextlib.contextmanager
+def pinned(cores: set[int] | None) -> Iterator[None]:
+    """This thread, and the processes it starts meanwhile, on `cores` (None: wherever the OS likes)."""
+    if not cores:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def placement() -> tuple[dict[str, set[int] | None], str]:
+    """Cores for the upstream, the router and the clients: the router on one of its own."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= 3:
+        where = {"upstream": {cores[0]}, "router": {cores[1]}, "clients": set(cores[2:])}
+        return where, f"upstream on core {cores[0]}, router on core {cores[1]}, clients on {len(cores) - 2} core(s)"
+    if len(cores) == 2:
+        where = {"upstream": {cores[0]}, "router": {cores[1]}, "clients": {cores[0]}}
+        return where, f"upstream and clients on core {cores[0]}, router on core {cores[1]}"
+    return {"upstream": None, "router": None, "clients": None}, "one core: upstream, router and clients share it"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far (Linux's /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -60,8 +103,8 @@ def free_port() -> int:
 class ServerProcess:
     """`moalign serve` in a subprocess on 127.0.0.1, stopped (by its own pid) on exit."""
 
-    def __init__(self, run_dir: Path, *flags: str):
-        self.port = free_port()
+    def __init__(self, run_dir: Path, *flags: str, cores: set[int] | None = None):
+        self.port, self.cores = free_port(), cores
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "moalign.cli", "serve", str(run_dir), "--port", str(self.port)]
         self.command = [*command, "--log-level", "warning", *flags]
@@ -69,7 +112,8 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         env.setdefault("OMP_NUM_THREADS", THREADS)
-        self.process = subprocess.Popen(self.command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with pinned(self.cores):
+            self.process = subprocess.Popen(self.command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -178,19 +222,32 @@ def stream_timings(url: str, prompts: list[str], count: int, max_tokens: int) ->
 
 
 def router_rows(run_dir: Path, prompts: list[str], clients: int, limit_s: float, quick: bool) -> list[dict[str, Any]]:
-    with ServerProcess(run_dir) as upstream, ServerProcess(run_dir, "--upstream", f"{upstream.url}/v1") as router:
+    where, setup = placement()
+    with (
+        ServerProcess(run_dir, cores=where["upstream"]) as upstream,
+        ServerProcess(run_dir, "--upstream", f"{upstream.url}/v1", cores=where["router"]) as router,
+        pinned(where["clients"]),
+    ):
         urls = [upstream.url, router.url]
         sequential_latencies(urls, prompts, 4)  # warm-up
         direct, routed = sequential_latencies(urls, prompts, 20 if quick else 60)
         rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "router": []}
-        for _ in range(3):
+        for _ in range(2):
             for name, url in (("direct", upstream.url), ("router", router.url)):
-                rounds[name].append(asyncio.run(load(url, prompts, clients, limit_s)))
+                before = {p.url: cpu_seconds(p.process.pid) for p in (upstream, router)}
+                result = asyncio.run(load(url, prompts, clients, limit_s))
+                for p, key in ((upstream, "upstream_cpu"), (router, "router_cpu")):  # ms per request
+                    result[key] = (cpu_seconds(p.process.pid) - before[p.url]) * 1000 / clients
+                rounds[name].append(result)
         first, last = stream_timings(upstream.url, prompts, 3 if quick else 7, 64)
         routed_first, routed_last = stream_timings(router.url, prompts, 3 if quick else 7, 64)
     best = {name: max(r, key=lambda x: x["requests_per_s"]) for name, r in rounds.items()}
+    ratio = best["router"]["requests_per_s"] / best["direct"]["requests_per_s"]
+    upstream_cpu = {name: float(np.mean([r["upstream_cpu"] for r in rounds[name]])) for name in rounds}
+    router_cpu = float(np.mean([r["router_cpu"] for r in rounds["router"]]))
     added = {q: (np.percentile(routed, q) - np.percentile(direct, q)) * 1000 for q in (50, 99)}
     note = f"{len(direct)} requests one at a time, max_tokens 8, the same requests direct and routed"
+    at = f"{clients} clients, max_tokens {MAX_TOKENS}, mean of 2 rounds; {setup}"
     return [
         {"section": "router", "metric": "direct: p50 latency", "value": float(np.percentile(direct, 50)) * 1000, "unit": "ms", "note": note},
         {"section": "router", "metric": "router: p50 latency", "value": float(np.percentile(routed, 50)) * 1000, "unit": "ms", "note": note},
@@ -201,13 +258,16 @@ def router_rows(run_dir: Path, prompts: list[str], clients: int, limit_s: float,
         {
             "section": "router",
             "metric": f"router / direct: throughput at {clients} clients",
-            "value": best["router"]["requests_per_s"] / best["direct"]["requests_per_s"],
+            "value": ratio,
             "unit": "×",
             "baseline": best["direct"]["requests_per_s"],
-            "ratio": best["router"]["requests_per_s"] / best["direct"]["requests_per_s"],
-            "note": f"best of 3 rounds each: {best['router']['requests_per_s']:.1f} vs {best['direct']['requests_per_s']:.1f} requests/s; "
-            f"errors {best['router']['errors']} / {best['direct']['errors']} {best['router']['first_error']}",
+            "ratio": ratio,
+            "note": f"best of 2 rounds each: {best['router']['requests_per_s']:.1f} vs {best['direct']['requests_per_s']:.1f} requests/s; "
+            f"errors {best['router']['errors']} / {best['direct']['errors']} {best['router']['first_error']}; {setup}",
         },
+        {"section": "router", "metric": "router: CPU per request", "value": router_cpu, "unit": "ms", "note": f"the router process's user + system CPU; {at}"},
+        {"section": "router", "metric": "upstream: CPU per request, direct", "value": upstream_cpu["direct"], "unit": "ms", "note": f"HTTP, validation and sampling; {at}"},
+        {"section": "router", "metric": "upstream: CPU per request, routed", "value": upstream_cpu["router"], "unit": "ms", "note": f"the same requests through the router (at most 64 in flight); {at}"},
         {"section": "router", "metric": "native stream: first chunk", "value": first * 1000, "unit": "ms", "note": "median; 64 tokens, one request at a time"},
         {"section": "router", "metric": "native stream: last chunk", "value": last * 1000, "unit": "ms", "note": "median; 64 tokens, one request at a time"},
         {"section": "router", "metric": "native stream: first / last chunk", "value": first / last, "unit": "×", "note": "chunks leave as tokens are sampled (hand-over every few decode steps)"},

@@ -234,6 +234,14 @@ class Scripted(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["prompt"]
+        if "auth" in prompt and self.headers.get("Authorization") != "Bearer sekrit":
+            payload = json.dumps({"error": {"message": "wrong upstream key\nsee the logs"}}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
         if "slow" in prompt:
             time.sleep(3)
         chunk = {"id": "x", "object": "text_completion", "created": 0, "model": body["model"]}
@@ -290,6 +298,16 @@ def test_upstream_faults_are_one_line_errors_and_the_router_stays_up(runs, scrip
         assert [c.choices[0].text for c in streamed if c.choices and c.choices[0].text] == ["hello", " there"]
         for error in (broken.value, slow.value):
             assert "\n" not in error.body["message"] and scripted in error.body["message"]
+
+
+def test_the_upstream_key_is_sent_and_a_refusal_is_one_line_naming_the_upstream(runs, scripted):
+    with router(runs["modpo"], scripted, upstream_api_key="sekrit") as server:
+        assert api(server).completions.create(model="modpo", prompt="auth", max_tokens=3).choices[0].text
+    with router(runs["modpo"], scripted) as server, pytest.raises(openai.APIStatusError) as refused:
+        api(server).completions.create(model="modpo", prompt="auth", max_tokens=3)
+    message = refused.value.body["message"]
+    assert refused.value.status_code == 502 and message.startswith(f"upstream {scripted} answered 401 for model ")
+    assert message.endswith(": wrong upstream key")  # the upstream's own message, its first line
 
 
 def test_an_upstream_that_is_down_gives_502_naming_it(runs):

@@ -6,10 +6,10 @@ that serves the preference (per-preference runs: the nearest trained one, under 
 `moalign export` gave it). Every row goes to the upstream's `/v1/completions` with its own seed, so a
 chat request is rendered here exactly as the native server renders it.
 
-The forwarding path is one shared `httpx2.AsyncClient` (the openai client's own transport, whose
-connection pool costs O(connections) per request where httpx's costs O(connections²)) with keep-alive
-connections; the upstream's JSON is read with `json.loads`, not into the openai client's Pydantic
-models, which cost more CPU per request than the routing itself.
+The forwarding path is one shared `aiohttp.ClientSession` with keep-alive connections, and the
+upstream's JSON is read with `json.loads`: at 200 concurrent clients the openai client (Pydantic models
+over httpx) cost ~11 ms of CPU per request and httpx's connection pool alone ~1.5 ms, aiohttp's client
+~0.25 ms (benchmarks/bench_serve.py measures the router's CPU per request).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
+import aiohttp
 from fastapi import Request
 
 from moalign.errors import first_line
@@ -54,16 +54,24 @@ def counted(usage: Any, name: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def upstream_message(response: httpx2.Response) -> str:
+def upstream_message(content: bytes, reason: str | None) -> str:
     """The upstream's own error message, in one line."""
     try:
-        body = json.loads(response.content)
+        body = json.loads(content)
         error = body.get("error", body.get("detail", body)) if isinstance(body, dict) else body
         detail = error.get("message", error) if isinstance(error, dict) else error
     except ValueError:
-        detail = response.text
+        detail = content.decode(errors="replace")
     text = str(detail).strip()
-    return text.splitlines()[0][:300] if text else response.reason_phrase
+    return text.splitlines()[0][:300] if text else str(reason)
+
+
+class UpstreamStatus(Exception):
+    """The upstream answered with an HTTP error status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 class UpstreamEngine:
@@ -72,22 +80,25 @@ class UpstreamEngine:
     def __init__(self, policy: Any, url: str, api_key: str | None, timeout_s: float, tokenizer: Any):
         self.policy, self.url, self.timeout_s, self.tokenizer = policy, url.rstrip("/"), timeout_s, tokenizer
         self.api_key = api_key
-        self.client: httpx2.AsyncClient | None = None
+        self.session: aiohttp.ClientSession | None = None
         self.stats = {"requests": 0, "upstream_errors": 0}
 
     async def start(self) -> None:
         # At most IN_FLIGHT requests, each on its own keep-alive connection: enough to fill the upstream's
-        # batches, and the pool's scan per request stays short.
-        limits = httpx2.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
+        # batches. The timeout bounds connecting and each wait for data, not a whole (long) stream.
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         self.slots = asyncio.Semaphore(IN_FLIGHT)
-        self.client = httpx2.AsyncClient(limits=limits, timeout=self.timeout_s, headers=headers)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=IN_FLIGHT),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s),
+            headers=headers,
+        )
 
     async def stop(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
+        if self.session is not None:
+            await self.session.close()
 
     def health(self) -> dict[str, Any]:
         return {"upstream": self.url, **self.stats}
@@ -118,11 +129,11 @@ class UpstreamEngine:
         """One line that names the upstream and what went wrong; the router itself stays healthy."""
         self.stats["upstream_errors"] += 1
         where = f"upstream {self.url}"
-        if isinstance(error, httpx2.TimeoutException):
+        if isinstance(error, asyncio.TimeoutError):  # aiohttp's timeouts (on Python 3.10 not a TimeoutError)
             message = f"{where} did not answer within {self.timeout_s:g} s (--upstream-timeout)"
             return ApiError(504, message, kind="upstream_error")
-        if isinstance(error, httpx2.HTTPStatusError):
-            status, detail = error.response.status_code, upstream_message(error.response)
+        if isinstance(error, UpstreamStatus):
+            status, detail = error.status, error.message
             if status in (400, 422):  # the upstream refused what the client asked
                 return ApiError(400, f"{where} refused the request: {detail}")
             hint = ""
@@ -131,8 +142,8 @@ class UpstreamEngine:
             return ApiError(
                 502, f"{where} answered {status} for model {model!r}: {detail}{hint}", kind="upstream_error"
             )
-        if isinstance(error, httpx2.TransportError):
-            detail = first_line(error.__cause__ or error)
+        if isinstance(error, aiohttp.ClientError):
+            detail = first_line(error)
             return ApiError(502, f"{where} is unreachable or closed the connection: {detail}", kind="upstream_error")
         if isinstance(error, ValueError):  # json.JSONDecodeError, UnicodeDecodeError and Malformed among them
             return ApiError(502, f"{where} sent a malformed answer: {first_line(error)}", kind="upstream_error")
@@ -143,39 +154,33 @@ class UpstreamEngine:
             return 0
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def send(self, body: dict[str, Any]) -> httpx2.Response:
+    async def send(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """The upstream's response with its headers read (the body still to read), or the error that ended it;
         a request that met a connection the upstream had just closed is sent again."""
-        assert self.client is not None, "the server was not started"
+        assert self.session is not None, "the server was not started"
         content, attempt = json.dumps(body).encode(), 0
         while True:
-            request = self.client.build_request("POST", f"{self.url}/completions", content=content)
             try:
-                response = await self.client.send(request, stream=True)
+                response = await self.session.post(f"{self.url}/completions", data=content)
                 break
-            except (httpx2.ConnectError, httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError):
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):  # ClientConnectorError among them
                 attempt += 1
                 if attempt > RETRIES:
                     raise
-        if response.status_code >= 400:
-            await response.aread()
-            await response.aclose()
-            response.raise_for_status()
+        if response.status >= 400:
+            async with response:
+                raise UpstreamStatus(response.status, upstream_message(await response.read(), response.reason))
         return response
 
     async def whole_row(self, plan: Any, row: int) -> Row:
         body = self.request(plan, row, stream=False)
         try:
-            async with self.slots:
-                response = await self.send(body)
-                try:
-                    answer = json.loads(await response.aread())
-                finally:
-                    await response.aclose()
+            async with self.slots, await self.send(body) as response:
+                answer = json.loads(await response.read())
             choice = completion_choice(answer)
             if choice is None:
                 raise Malformed("a completion without choices")
-        except (httpx2.HTTPError, ValueError) as error:
+        except (aiohttp.ClientError, UpstreamStatus, asyncio.TimeoutError, ValueError) as error:
             raise self.failure(error, body["model"]) from None
         text, finish, used = choice.get("text", ""), choice.get("finish_reason"), answer.get("usage")
         prompt_tokens = counted(used, "prompt_tokens")
@@ -187,13 +192,13 @@ class UpstreamEngine:
             self.count_tokens(text) if completion_tokens is None else completion_tokens,
         )
 
-    async def events(self, response: httpx2.Response) -> AsyncIterator[Any]:
+    async def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
         """The JSON events of a server-sent event stream, up to `[DONE]`."""
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+        async for line in response.content:  # one line at a time, as the upstream sends them
+            if not line.startswith(b"data:"):
                 continue  # blank separators, comments, `event:` lines
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 return
             event = json.loads(data)
             if isinstance(event, dict) and "error" in event:  # the upstream failed after the stream opened
@@ -209,7 +214,7 @@ class UpstreamEngine:
         try:
             async with self.slots:
                 response = await self.send(body)
-            try:
+            async with response:
                 async for event in self.events(response):
                     used = event.get("usage") or used
                     choice = completion_choice(event)
@@ -220,9 +225,7 @@ class UpstreamEngine:
                         yield Piece(row, choice["text"])
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
-            finally:
-                await response.aclose()
-        except (httpx2.HTTPError, ValueError) as error:
+        except (aiohttp.ClientError, UpstreamStatus, asyncio.TimeoutError, ValueError) as error:
             raise self.failure(error, body["model"]) from None
         if finish is None:
             self.stats["upstream_errors"] += 1
