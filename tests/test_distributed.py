@@ -422,8 +422,9 @@ def test_rl_weights_match_one_process(launched, name):
     assert change > 1e-4 and gap < 0.01 * change, (gap, change)
 
 
-def test_ppo_manifest_counts_every_ranks_tokens(launched):
-    manifests = [json.loads((launched["runs"][n] / "moalign.json").read_text()) for n in ("ppo", "ppo1")]
+@pytest.mark.parametrize("name", ["ppo", "rloo"])
+def test_rl_manifest_counts_every_ranks_tokens(launched, name):
+    manifests = [json.loads((launched["runs"][n] / "moalign.json").read_text()) for n in (name, name + "1")]
     two, one = (manifest["training"]["stages"]["w0.5-0.5"] for manifest in manifests)
     assert two["generated_tokens"] == one["generated_tokens"] > 0  # both ranks' tokens, as one process counts
     assert two["tokens"] == one["tokens"] and two["flops"] == one["flops"]
