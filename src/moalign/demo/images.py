@@ -3,7 +3,7 @@
 1. Draw a corpus of captioned 16×16 images on the spot: a coloured shape on a background whose texture
    and colours vary together, so that colorfulness and JPEG compressibility conflict (busy, many-hued
    backgrounds are colourful and large; plain grey ones are small and dull).
-2. Assemble a tiny text-to-image pipeline from diffusers and transformers parts: a 1.0M-parameter
+2. Assemble a tiny text-to-image pipeline from diffusers and transformers parts: a 0.26M-parameter
    `UNet2DConditionModel` in pixel space (see `PixelDiffusionPipeline`), a tiny CLIP text encoder (frozen
    at its random initialisation, as RiC freezes Stable Diffusion's) and a word-level tokenizer trained on
    the captions and the reward numbers; pretrain the UNet on the plain captions: the base pipeline.
@@ -17,12 +17,15 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from moalign.demo.base_model import DEMO_THREADS, demo_threads
 from moalign.errors import MoalignError
 from moalign.run import atomic_path, read_manifest, write_manifest
 
@@ -149,9 +152,13 @@ def demo_tokenizer(captions: list[str], tags: list[str], max_length: int = 16):
     )
 
 
-def tiny_pipeline(tokenizer, seed: int = 0, channels: tuple[int, int] = (32, 64), text_width: int = 64):
-    """The untrained pipeline: by default a 1.0M-parameter UNet (channels 32/64, cross-attention at 8×8) and a
-    2-layer CLIP text encoder of width 64 (tests make smaller ones)."""
+def tiny_pipeline(tokenizer, seed: int = 0, channels: tuple[int, int] = (16, 32), text_width: int = 64):
+    """The untrained pipeline: by default a 0.26M-parameter UNet (channels 16/32, cross-attention at 8×8) and a
+    2-layer CLIP text encoder of width 64 (tests make smaller ones).
+
+    Channels 16/32 rather than the 32/64 of the issue's yardstick: at half the CPU per training step the demo
+    affords its full 1 100 steps within its 10-minute budget on 2 cores, where the 1.0M UNet with 600 steps
+    steered worse (steerability 0.65/0.77 against 0.89/0.86, measured on this task)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -232,20 +239,26 @@ def run_image_demo(out: Path, configs: Path, n_images: int, n_eval_prompts: int,
     if not config_path.exists():
         raise MoalignError(f"demo config {config_path} does not exist; pass --configs DIR")
     out = out.resolve()
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
-    corpus = write_corpus(out / "data" / "train", n_images)
-    prompts = write_prompts(out / "data" / "eval_prompts.jsonl", eval_captions()[:n_eval_prompts])
-    timings["corpus"] = time.perf_counter() - start
-    t = time.perf_counter()
-    base = base_pipeline(out, corpus, config_path)
-    timings["base"] = time.perf_counter() - t
-    t = time.perf_counter()
-    argv = ["--config", str(config_path), "--model_name_or_path", str(base), "--dataset", str(corpus)]
-    argv += ["--output_dir", str(out / "ric"), "--eval_prompts", str(prompts)]
-    ric_config = parse_config(ric.RiCImageConfig, argv, section="ric")
-    ric.train(ric_config)
-    timings["ric"] = time.perf_counter() - t
+    start, cpu_start = time.perf_counter(), time.process_time()
+    timings: dict[str, tuple[float, float]] = {}  # stage: (wall, CPU) seconds
+
+    @contextmanager
+    def timed(stage: str) -> Iterator[None]:
+        """A stage on the demo's fixed torch threads (the same numbers on any machine), timed."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        with demo_threads():
+            yield
+        timings[stage] = (time.perf_counter() - wall, time.process_time() - cpu)
+
+    with timed("corpus"):
+        corpus = write_corpus(out / "data" / "train", n_images)
+        prompts = write_prompts(out / "data" / "eval_prompts.jsonl", eval_captions()[:n_eval_prompts])
+    with timed("base"):
+        base = base_pipeline(out, corpus, config_path)
+    with timed("ric"):
+        argv = ["--config", str(config_path), "--model_name_or_path", str(base), "--dataset", str(corpus)]
+        argv += ["--output_dir", str(out / "ric"), "--eval_prompts", str(prompts)]
+        ric.train(parse_config(ric.RiCImageConfig, argv, section="ric"))
     # The base pipeline is evaluated like any run: a manifest naming it, with RiC's sampling settings.
     manifest = read_manifest(out / "ric")
     (out / "base").mkdir(exist_ok=True)
@@ -256,12 +269,14 @@ def run_image_demo(out: Path, configs: Path, n_images: int, n_eval_prompts: int,
         {"method": "base", "policy": "moalign.image.policy:ImagePolicy", "base_model": str(base)}
         | {key: manifest[key] for key in fields},
     )
-    t = time.perf_counter()
-    results = evaluate_runs([out / "base", out / "ric"], divisions=divisions, output_dir=out)
-    timings["eval"] = time.perf_counter() - t
+    with timed("eval"):
+        results = evaluate_runs([out / "base", out / "ric"], divisions=divisions, output_dir=out)
     names = manifest["objective_names"]
-    steps = ", ".join(f"{step} {seconds:.0f}s" for step, seconds in timings.items())
-    print(f"\nmoalign demo --task images finished in {time.perf_counter() - start:.0f}s ({steps})")
+    steps = ", ".join(f"{step} {wall:.0f}s/{cpu:.0f}s" for step, (wall, cpu) in timings.items())
+    print(
+        f"\nmoalign demo --task images finished in {time.perf_counter() - start:.0f}s wall, "
+        f"{time.process_time() - cpu_start:.0f}s CPU on {DEMO_THREADS} torch thread (wall/CPU: {steps})"
+    )
     print(f"{'run':<6} {'hypervolume':>12} {'collapse':>9}  steerability ({', '.join(names)})")
     for run, result in zip(("base", "ric"), results):
         steer = ", ".join("n/a" if np.isnan(s := result["steerability"][n]) else f"{s:+.3f}" for n in names)
