@@ -504,3 +504,40 @@ def test_cpu_num_processes_trap_is_detected():
     assert "ONE process" in distributed.launch_warning(launched_one)
     assert distributed.launch_warning({**launched_one, "WORLD_SIZE": "2"}) is None
     assert distributed.launch_warning({"ACCELERATE_USE_CPU": "True"}) is None  # --num_processes 1
+
+
+def test_ppo_step_does_not_depend_on_how_the_rollout_is_split(tiny_lm, tmp_path):
+    """One long response and three short ones, in one micro-batch of 4 rows or two of 2: the same gradient.
+    PPO's losses are a token mean over the whole mini-batch, so how its rows are split (into micro-batches
+    here, over ranks under a launcher) does not weigh them; the mean of per-split means it replaced weighs the
+    short responses' tokens more (measured here: a gradient norm of 3.55 for two micro-batches, 2.07 for one)."""
+    import torch
+
+    from moalign.generation import prepare_tokenizer
+    from moalign.methods.common import load_tokenizer
+    from moalign.methods.config import parse_config
+    from moalign.methods.morl import MORLConfig
+    from moalign.methods.ppo import PPO, Rollout, pad_sequences
+
+    tokenizer = load_tokenizer(str(tiny_lm))
+    prepare_tokenizer(tokenizer)
+    prompts = ["\n\nHuman: the cat?\n\nAssistant:", "\n\nHuman: plants?\n\nAssistant:"] * 2
+    answers = ["a good day is a sunny day with friends and the cat sat on the mat", "yes", "no", "bad"]
+    queries = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    responses = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] for a in answers]
+    ids, attention, mask, width = pad_sequences(queries, responses, tokenizer.pad_token_id, "cpu")
+    advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])[:, None] * mask
+    zeros = torch.zeros_like(mask)
+
+    def step(per_device: int, accumulation: int) -> float:
+        argv = ["--model_name_or_path", str(tiny_lm), "--dataset", "unused", "--output_dir", str(tmp_path)]
+        argv += ["--objectives", "vader", "--algorithm", "ppo", "--ppo_epochs", "1", "--learning_rate", "1e-3"]
+        argv += ["--per_device_train_batch_size", str(per_device), "--gradient_accumulation_steps", str(accumulation)]
+        torch.manual_seed(0)
+        ppo = PPO(parse_config(MORLConfig, argv), str(tiny_lm), tokenizer, "cpu")
+        with torch.no_grad():
+            logprobs = ppo.reference_logprobs(ids, attention, width) * mask
+        batch = Rollout(ids, attention, width, mask, logprobs, zeros, advantages, zeros, zeros[:, 0], zeros[:, 0])
+        return ppo.update(batch, seed=0)["grad_norm"]
+
+    assert step(2, 2) == pytest.approx(step(4, 1), rel=1e-5)
