@@ -263,7 +263,9 @@ class Scripted(BaseHTTPRequestHandler):
             event = {**chunk, "choices": [{"index": 0, "text": word, "finish_reason": None}]}
             self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
             self.wfile.flush()
-        if "cut" not in prompt:
+        if "fail" in prompt:  # the engine failed after the stream opened: an error event, as vLLM sends one
+            self.wfile.write(b'data: {"error": {"message": "out of memory", "code": 500}}\n\n')
+        elif "cut" not in prompt:
             event = {**chunk, "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
             self.wfile.write(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
         self.close_connection = True  # "cut": the connection closes before the answer finished
@@ -286,6 +288,8 @@ def test_upstream_faults_are_one_line_errors_and_the_router_stays_up(runs, scrip
         assert broken.value.status_code == 502 and "sent a malformed answer" in broken.value.body["message"]
         with pytest.raises(openai.APIError, match="closed the stream before the answer finished"):
             list(client.completions.create(model="modpo", prompt="cut", max_tokens=3, stream=True))
+        with pytest.raises(openai.APIError, match="failed mid-stream: out of memory"):
+            list(client.completions.create(model="modpo", prompt="fail", max_tokens=3, stream=True))
         with pytest.raises(openai.APIStatusError) as slow:
             client.completions.create(model="modpo", prompt="slow", max_tokens=3)
         assert (

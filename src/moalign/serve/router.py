@@ -29,7 +29,7 @@ from moalign.serve.schemas import ApiError
 
 log = logging.getLogger("moalign.serve")
 
-IN_FLIGHT = 64  # requests to the upstream at once (the native engine batches up to 64 rows)
+IN_FLIGHT = 256  # requests to the upstream at once: more than an engine batches, so that its queue stays full
 RETRIES = 2  # a request that met a dropped keep-alive connection is sent again: rows carry seeds
 
 
@@ -67,9 +67,9 @@ def upstream_message(content: bytes, reason: str | None) -> str:
 
 
 class UpstreamStatus(Exception):
-    """The upstream answered with an HTTP error status."""
+    """The upstream answered with an HTTP error status (None: an error event in a stream it had opened)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int | None, message: str):
         super().__init__(message)
         self.status, self.message = status, message
 
@@ -134,6 +134,8 @@ class UpstreamEngine:
             return ApiError(504, message, kind="upstream_error")
         if isinstance(error, UpstreamStatus):
             status, detail = error.status, error.message
+            if status is None:
+                return ApiError(502, f"{where} failed mid-stream: {detail}", kind="upstream_error")
             if status in (400, 422):  # the upstream refused what the client asked
                 return ApiError(400, f"{where} refused the request: {detail}")
             hint = ""
@@ -202,9 +204,7 @@ class UpstreamEngine:
                 return
             event = json.loads(data)
             if isinstance(event, dict) and "error" in event:  # the upstream failed after the stream opened
-                error = event["error"]
-                detail = error.get("message", error) if isinstance(error, dict) else error
-                raise Malformed(f"an error event: {detail}")
+                raise UpstreamStatus(None, upstream_message(data, "an error event"))
             yield event
 
     async def row_pieces(self, plan: Any, row: int) -> AsyncIterator[Piece]:
@@ -216,8 +216,8 @@ class UpstreamEngine:
                 response = await self.send(body)
             async with response:
                 async for event in self.events(response):
+                    choice = completion_choice(event)  # checks the event is a completion object
                     used = event.get("usage") or used
-                    choice = completion_choice(event)
                     if choice is None:
                         continue
                     if choice.get("text"):
