@@ -13,7 +13,7 @@ from moalign.errors import MoalignError
 from moalign.generation import load_model
 from moalign.methods.common import load_causal_lm
 from moalign.methods.sft import SFTRunConfig
-from moalign.models import ModelOptions, adapter_base, installed, load_pretrained
+from moalign.models import ModelOptions, adapter_base, installed, load_pretrained, pick_device
 
 
 def sft_config(tmp_path: Path, **options) -> SFTRunConfig:
@@ -121,3 +121,17 @@ def test_cli_reports_a_missing_package_before_any_work(tiny_lm: Path, tmp_path: 
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["moalign sft: error: load_in_4bit needs the bitsandbytes package: pip install bitsandbytes"]
     assert not out.exists()
+
+
+def test_auto_device_is_this_ranks_gpu_under_a_launcher(monkeypatch):
+    """Every rank of an 8-GPU launch loading its reward model on cuda:0 would fill one GPU: "auto" follows
+    LOCAL_RANK. (The CUDA check is the one thing faked: the choice is what is tested, on a CPU machine.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pick_device("auto") == "cuda:3"
+    assert pick_device("cpu") == "cpu"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert pick_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("auto") == "cpu"

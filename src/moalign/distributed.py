@@ -38,13 +38,9 @@ def is_main() -> bool:
 
 
 def device() -> str:
-    """This rank's device: its own GPU (LOCAL_RANK) under a launcher, else what `pick_device` chooses."""
-    import torch
-
+    """This rank's device: its own GPU (LOCAL_RANK) under a launcher, else the GPU or the CPU."""
     from moalign.models import pick_device
 
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return pick_device("auto")
 
 

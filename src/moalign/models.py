@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -22,9 +23,13 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # pack sequences 
 
 
 def pick_device(device: str = "auto") -> str:
+    """`device`, or for "auto" this process's GPU (its own, LOCAL_RANK, under a launcher: reward models and
+    policies of every rank would otherwise all load on cuda:0), else the CPU."""
     if device != "auto":
         return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ['LOCAL_RANK'])}" if "LOCAL_RANK" in os.environ else "cuda"
 
 
 def installed(package: str) -> bool:
