@@ -29,7 +29,7 @@ from moalign.serve.schemas import ApiError
 
 log = logging.getLogger("moalign.serve")
 
-IN_FLIGHT = 256  # requests to the upstream at once: more than an engine batches, so that its queue stays full
+IN_FLIGHT = 64  # requests to the upstream at once: a batch of the native engine; 256 measured slower in bench_serve
 RETRIES = 2  # a request that met a dropped keep-alive connection is sent again: rows carry seeds
 
 
