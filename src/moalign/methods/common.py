@@ -127,6 +127,22 @@ def model_completer(path: str | Path, config: Any) -> Callable[[list[str], list[
     return complete
 
 
+def generate_with_model(
+    folder: Path, prompts: Sequence[str], params: Sequence[Any], model_dir: Path, config: Any
+) -> tuple[list[Any], dict[str, Any]]:
+    """`generate_stage` with the model a method just trained (RiC's MORS, ParetoHqD's stage 2): chunks keyed by
+    the model's path, FLOPs counted at its size."""
+    return generate_stage(
+        folder,
+        prompts,
+        params,
+        model_completer(model_dir, config),
+        config.generation_chunk_size,
+        key=str(model_dir),
+        model_path=model_dir,
+    )
+
+
 def load_training_data(config: CommonArguments):
     """The method's dataset in moalign's standard columns, cut to `max_samples` rows."""
     from moalign import data

@@ -13,7 +13,7 @@ import pandas as pd
 
 from moalign import data, distributed
 from moalign.errors import MoalignError
-from moalign.methods.common import generate_stage, model_completer, sampling_params, score_cache
+from moalign.methods.common import generate_with_model, sampling_params, score_cache
 from moalign.run import atomic_write_parquet, read_json, write_json
 from moalign.scores import score
 
@@ -68,15 +68,7 @@ def generate_stage2(
             sampling_params(config, seed=config.seed + m * len(prompts) + i, stop=data.TURN_MARKERS)
             for i in range(len(prompts))
         ]
-        outputs, stats = generate_stage(
-            parts / model_dir.name,
-            prompts,
-            params,
-            model_completer(model_dir, config),
-            config.generation_chunk_size,
-            key=str(model_dir),
-            model_path=model_dir,
-        )
+        outputs, stats = generate_with_model(parts / model_dir.name, prompts, params, model_dir, config)
         generation["seconds"] += stats["seconds"]
         generation["flops"] += stats["flops"]
         generation["wait_seconds"] += stats["wait_seconds"]

@@ -27,9 +27,8 @@ from moalign import data, distributed
 from moalign.cost import scoring_flops
 from moalign.errors import MoalignError
 from moalign.methods.common import (
-    generate_stage,
+    generate_with_model,
     load_training_data,
-    model_completer,
     sampling_params,
     score_cache,
     start_run,
@@ -216,14 +215,8 @@ class RiCRecipe:
             for i in range(len(prompts))
         ]
         conditioned = [format_prompt(p, t, self.template) for p, t in zip(prompts, targets)]
-        completions, generation = generate_stage(
-            self.run_dir / "data" / f"online_{k}_chunks",
-            conditioned,
-            params,
-            model_completer(model_dir, config),
-            config.generation_chunk_size,
-            key=str(model_dir),
-            model_path=model_dir,
+        completions, generation = generate_with_model(
+            self.run_dir / "data" / f"online_{k}_chunks", conditioned, params, model_dir, config
         )
         return prompts, completions, generation
 
