@@ -129,7 +129,7 @@ def plot(
     ax.set_xlabel(f"E[{task.names[0]}] (z)")
     ax.set_ylabel(f"E[{task.names[1]}] (z)")
     ax.set_title("Exact KL-regularised front (grey, per KL budget) and trained policies")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")  # where it hides the fewest points
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

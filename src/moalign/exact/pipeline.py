@@ -40,8 +40,8 @@ PREFERENCES = ["0.2,0.8", "0.5,0.5", "0.8,0.2", "1,0"]  # MODPO trains on vader'
 SIZES = {
     "quick": {"prompts": 16, "k": 8, "draws": 2, "modpo_steps": 20, "ric_steps": 60, "ppo_steps": 4}
     | {"sft_steps": 20, "hqd_k": 16, "hqd_steps": 10, "max_length": 160},
-    "full": {"prompts": 48, "k": 12, "draws": 2, "modpo_steps": 60, "ric_steps": 300, "ppo_steps": 15}
-    | {"sft_steps": 60, "hqd_k": 48, "hqd_steps": 30, "max_length": 160},
+    "full": {"prompts": 48, "k": 12, "draws": 2, "modpo_steps": 30, "ric_steps": 150, "ppo_steps": 10}
+    | {"sft_steps": 30, "hqd_k": 48, "hqd_steps": 15, "max_length": 160},
 }
 METHODS = ("modpo", "ric", "morl", "soups", "sft", "paretohqd")  # soups after morl: its ingredients
 LABELS = {
