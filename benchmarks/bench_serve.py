@@ -9,8 +9,8 @@ The router (`moalign serve RUN --upstream URL`, another subprocess) is measured 
 upstream (moalign's native server) reached directly, with the same requests: the latency it adds one
 request at a time (p50, p99), and its throughput at 200 concurrent clients relative to the upstream's
 (the median over rounds of router / direct, each round one direct run followed by one routed run, so
-that both see about the same machine load). Native streaming:
-time to the first chunk against time to the last, one request of 64 tokens at a time.
+that both see about the same machine load). Native streaming: time to the first chunk against time to
+the last, one request of 64 tokens at a time.
 
 Where the CPU goes: beside a GPU engine the router has CPU to itself, while here the upstream samples
 on the CPU. So the router runs on a core of its own (`os.sched_setaffinity`, inherited by the process
