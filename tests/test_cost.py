@@ -144,7 +144,8 @@ def test_cost_estimate_agrees_with_a_real_modpo_run(tmp_path: Path):
     )
     assert main(["modpo", "--config", str(config)]) == 0
     training = read_manifest(tmp_path / "modpo")["training"]
-    stages = [s for s in training["stages"].values() if "flops" in s]
+    assert training["stages"]["margins"]["flops"] == 0.0  # lexical margins cost nothing here
+    stages = [s for name, s in training["stages"].items() if name != "margins"]
     assert len(stages) == 2 and all(s["forward_tokens"] == s["tokens"] for s in stages)  # a reference pass each
     predicted, _, _ = estimate(str(config))
     assert [s.name for s in predicted.stages][-2:] == ["preference 1", "preference 2"]
