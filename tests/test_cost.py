@@ -309,10 +309,14 @@ def test_a_generation_stage_counts_prefill_and_generated_tokens(tmp_path: Path):
     assert stats["flops"] == 2 * n * (stats["prefill_tokens"] + stats["generated_tokens"])
 
 
-@pytest.mark.parametrize("algorithm, iterations", [("rloo", 1), ("grpo", 2)])
-def test_an_rloo_or_grpo_stage_counts_generation_reference_and_training(tmp_path: Path, algorithm, iterations):
+# GRPO runs one epoch: 2 prompts × 2 generations × num_iterations 2 over batches of 4 is 2 steps, as for RLOO
+@pytest.mark.parametrize(
+    "algorithm, iterations, length", [("rloo", 1, {"max_steps": 2}), ("grpo", 2, {"num_train_epochs": 1})]
+)
+def test_an_rloo_or_grpo_stage_counts_generation_reference_and_training(tmp_path: Path, algorithm, iterations, length):
     """TRL's trainers: every generated batch is trained num_iterations times, read by the reference (beta ≠ 0)
-    and by the old policy (RLOO always, GRPO here because num_iterations > 1); `moalign cost` agrees."""
+    and by the old policy (RLOO always, GRPO here because num_iterations > 1); `moalign cost` agrees, its steps
+    from max_steps or from the epochs over the unique prompts."""
     from moalign.cost import ModelSize
 
     model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
@@ -327,7 +331,7 @@ def test_an_rloo_or_grpo_stage_counts_generation_reference_and_training(tmp_path
         objectives=["length", "brevity"],
         algorithm=algorithm,
         preferences=["0.5,0.5"],
-        max_steps=2,
+        **length,
         num_generations=2,
         num_iterations=iterations,
         max_completion_length=6,

@@ -33,10 +33,15 @@ class DataShape:
     prompt_tokens: float
     response_tokens: float
     source: str  # "measured" or "assumed"
+    unique_prompts: int | None = None  # what RL trains on (MORL keeps each prompt once); None: every row's own
 
     @property
     def samples(self) -> int:
         return self.rows * (2 if self.pairs else 1)
+
+    @property
+    def prompts(self) -> int:
+        return self.rows if self.unique_prompts is None else self.unique_prompts
 
 
 @dataclass
@@ -78,6 +83,7 @@ def data_shape(
         prompts, responses = data.to_samples(head)
         mean = lambda texts: sum(len(ids) for ids in tokenizer(list(texts))["input_ids"]) / max(1, len(texts))  # noqa: E731
         shape = DataShape(len(dataset), pairs, mean(prompts), mean([" " + r for r in responses]) + 1, "measured")
+        shape.unique_prompts = len(set(dataset["prompt"]))
     elif source in KNOWN_DATASETS:
         known = KNOWN_DATASETS[source]
         total = known["rows"] if not config.max_samples else min(known["rows"], config.max_samples)
@@ -240,18 +246,19 @@ def estimate_morl(config: Any, shape: DataShape) -> Estimate:
         estimate.add("normalisation scores", recipe.score(fitted, recipe.sample_length()), f"{fitted} samples")
     for index in range(_preferences(config)):
         if config.algorithm == "ppo":
-            steps = total_steps(config, shape.rows)
+            steps = total_steps(config, shape.prompts)
             completions = steps * rollout
             epochs, forward = config.ppo_epochs, 2  # rollout: policy log-probs and values, then the reference
         else:  # TRL's RLOO / GRPO: per_device_train_batch_size counts completions, num_generations per prompt
+            # each generated batch is trained num_iterations times (an epoch is that many passes over the prompts),
+            # read by the reference when beta ≠ 0 and by the old policy when RLOO always, GRPO when its generation
+            # and optimiser steps are out of step
+            epochs = config.num_iterations
             steps = (
                 config.max_steps
                 if config.max_steps > 0
-                else math.ceil(config.num_train_epochs * shape.rows * config.num_generations / rollout)
+                else math.ceil(config.num_train_epochs * shape.prompts * config.num_generations * epochs / rollout)
             )
-            # each generated batch is trained num_iterations times, read by the reference when beta ≠ 0 and by the
-            # old policy when RLOO always, GRPO when its generation and optimiser steps are out of step
-            epochs = config.num_iterations
             completions = math.ceil(steps * rollout / epochs)
             old_pass = config.algorithm == "rloo" or config.gradient_accumulation_steps % (
                 config.steps_per_generation * epochs
