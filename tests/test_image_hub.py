@@ -35,14 +35,14 @@ def hub(tmp_path_factory) -> dict:
     clone = root / "shapes"  # the repository as the hub stores it
     for shard in range(2):
         table.shard(2, shard, contiguous=True).to_parquet(str(clone / "data" / f"train-{shard:05d}-of-00002.parquet"))
-    # What the online load of REPO leaves in the cache: the prepared config under <namespace>___<name>.
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in eval_captions()[:2]))
-    builder = datasets.load_dataset_builder(str(clone))
     cache = root / "datasets_cache"
-    builder.download_and_prepare(output_dir=str(cache / "moalign-tests___shapes" / "default" / "0.0.0" / "a1b2c3"))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)  # the user's own cache stays untouched
         assert datasets.config.HF_HUB_OFFLINE  # set by conftest: nothing here may reach the network
+        # What the online load of REPO leaves in the cache: the prepared config under <namespace>___<name>.
+        builder = datasets.load_dataset_builder(str(clone))
+        builder.download_and_prepare(output_dir=str(cache / "moalign-tests___shapes" / "default" / "0.0.0" / "a1b2c3"))
         yield {"root": root, "images": images, "captions": list(captions), "base": tiny_base(root / "base", captions)}
 
 
