@@ -115,11 +115,11 @@ def _interval(bounds: list[float]) -> str:
 
 
 def run_demo(out: Path, configs: Path, n_eval_prompts: int, divisions: int) -> Path:
-    from moalign.demo.base_model import demo_threads
+    from moalign.demo.base_model import TEXT_DEMO_THREADS, demo_threads
     from moalign.evaluate import evaluate_runs
 
     start = time.perf_counter()
-    with demo_threads():  # the same numbers on any machine, whatever else runs on it
+    with demo_threads(TEXT_DEMO_THREADS):  # the same numbers on any machine, whatever else runs on it
         timings = train_demo_runs(out, configs, n_eval_prompts)
         names = read_manifest(out / "ric")["objective_names"]
         t = time.perf_counter()
