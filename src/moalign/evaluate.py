@@ -1,8 +1,8 @@
 """Evaluating runs on the preference grid: one point per preference, hypervolume, collapse, steerability.
 
-Every method is judged the same way, as the papers compare their fronts: for each weight vector on a simplex grid the policy
-answers the same held-out prompts with the same decoding settings and seeds, the objectives score the
-answers, and the mean score per objective is that preference's point. Fronts of several runs are compared
+Every method is judged the same way, as the papers compare their fronts: for each weight vector on a
+simplex grid the policy answers the same held-out prompts with the same decoding settings and seeds, the
+objectives score the answers, and the mean score per objective is that preference's point. Fronts of several runs are compared
 by hypervolume against ONE reference point shared by all of them, which is reported with the numbers.
 """
 
