@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from moalign.cpu_memory import keep_freed_memory
 from moalign.distributed import launch_warning
 from moalign.errors import MoalignError, first_line
 from moalign.run import discard_empty_claims
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moalign {command}: warning: {warning}", file=sys.stderr)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = importlib.import_module(COMMANDS[command][0])
     entry = getattr(module, ENTRY_POINTS.get(command, "cli"))
