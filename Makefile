@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moalign-installed
+COMPILED := $(VENV)/.moalign-compiled
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -21,13 +22,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-compile -e ".[dev]"
 	touch $(STAMP)
 
+# The tests start many Python processes (torchrun, the CLI, servers): byte-compile the environment once for them
+# rather than in every process (where PYTHONDONTWRITEBYTECODE is set, each would compile torch again). Some
+# packages ship files that are not meant to compile (templates); compileall's status reports those, not a failure.
+$(COMPILED): $(STAMP)
+	$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null || true
+	touch $(COMPILED)
+
 demo: install
 	$(VENV)/bin/moalign demo
 
-test: install
+test: install $(COMPILED)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: install
+bench: install $(COMPILED)
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick,)
 
 lint: install
