@@ -206,4 +206,3 @@ def load_for_generation(path: str, device: str = "auto", options: ModelOptions |
     """A causal LM in eval mode on `device` and its tokenizer padding on the left (prompts end together)."""
     model = load_pretrained(path, options, device=device)
     return model.eval(), load_tokenizer(path, padding_side="left")
-
