@@ -58,7 +58,8 @@ def training_rows(quick: bool) -> list[dict[str, Any]]:
     from diffusers import DDPMScheduler
 
     from moalign.demo.images import write_corpus
-    from moalign.image.ric import RiCImageConfig, train_denoiser
+    from moalign.image.denoiser import train_denoiser
+    from moalign.image.ric import RiCImageConfig
     from moalign.methods.config import parse_config
 
     steps = 4 if quick else 20

@@ -517,7 +517,8 @@ def test_ppo_step_does_not_depend_on_how_the_rollout_is_split(tiny_lm, tmp_path)
     from moalign.methods.common import load_tokenizer
     from moalign.methods.config import parse_config
     from moalign.methods.morl import MORLConfig
-    from moalign.methods.ppo import PPO, Rollout, pad_sequences
+    from moalign.methods.ppo import PPO
+    from moalign.methods.rollouts import Rollout, pad_sequences
 
     tokenizer = load_tokenizer(str(tiny_lm))
     prepare_tokenizer(tokenizer)

@@ -14,7 +14,8 @@ import torch
 from moalign.errors import MoalignError
 from moalign.methods.config import parse_config
 from moalign.methods.morl import MORLConfig, ScalarizedReward, train
-from moalign.methods.ppo import gae, train_ppo
+from moalign.methods.ppo import train_ppo
+from moalign.methods.rollouts import gae
 from moalign.objectives import build_all
 from moalign.scores import NormStats
 from moalign.testing import CORPUS
@@ -130,7 +131,8 @@ def test_ppo_update_raises_the_advantage_weighted_log_probability(tmp_path, tiny
     down where it is negative (a sign error in the clipped surrogate moves them the other way)."""
     from moalign.generation import prepare_tokenizer
     from moalign.methods.common import load_tokenizer
-    from moalign.methods.ppo import PPO, Rollout, logprobs_and_values, pad_sequences
+    from moalign.methods.ppo import PPO
+    from moalign.methods.rollouts import Rollout, logprobs_and_values, pad_sequences
 
     config = morl_config(tmp_path, tiny_lm, "--algorithm", "ppo", "--ppo_epochs", "1", "--learning_rate", "1e-3")
     config.vf_coef = 0.0  # the policy loss alone

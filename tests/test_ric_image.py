@@ -22,9 +22,10 @@ from PIL import Image
 from moalign.cli import main
 from moalign.demo.images import demo_tokenizer, eval_captions, tiny_pipeline, write_corpus
 from moalign.errors import MoalignError
+from moalign.image.denoiser import CaptionDropout
 from moalign.image.pipeline import conditioned_caption, token_budget
 from moalign.image.policy import collapsed
-from moalign.image.ric import CaptionDropout, RiCImageConfig, train
+from moalign.image.ric import RiCImageConfig, train
 from moalign.methods.config import parse_config
 from moalign.methods.ric import QUANTILE_LEVELS, RewardTemplate, parse_prompt, preference_to_targets
 from moalign.objectives import build

@@ -8,7 +8,6 @@ by hypervolume against ONE reference point shared by all of them, which is repor
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moalign import distributed, uncertainty
+from moalign.cost import generation_flops
 from moalign.data import is_degenerate
 from moalign.errors import MoalignError
 from moalign.fronts import (
@@ -37,6 +37,7 @@ from moalign.generation import SamplingParams
 from moalign.objectives import Objective, build_all
 from moalign.pareto import non_dominated, simplex_grid, validate_weights
 from moalign.policy import check_complete
+from moalign.prompts import resolve_prompts
 from moalign.run import read_manifest, write_json
 from moalign.scores import ScoreCache, score
 
@@ -56,32 +57,6 @@ def _count_tokens(policy: Any, texts: list[str]) -> tuple[int, str]:
         except Exception:  # a tokenizer that cannot batch plain text: fall back to words
             pass
     return sum(len(text.split()) for text in texts), "words"
-
-
-def _generation_flops(policy: Any, prompts: list[str], responses: list[str], w: np.ndarray) -> float:
-    """2·N per prompt token (prefill) and per generated token (moalign.cost), counted with the serving model's
-    tokenizer; N the run's base model's (every model of a per-preference run or a soup shares its architecture).
-    Not counted for images."""
-    base = getattr(policy, "manifest", {}).get("base_model")
-    if getattr(policy, "output_unit", None) or not base:
-        return 0.0
-    from moalign.cost import size_from_config
-    from moalign.models import load_tokenizer
-
-    weights = policy.check_weights(w)
-    # the tokenizer alone (a policy served by an upstream engine has no weights loaded), from the serving model's
-    # folder: the preference's model, a soup's first ingredient, or the run's one model
-    if hasattr(policy, "nearest"):
-        folder = policy.paths[policy.nearest(weights)]
-    elif hasattr(policy, "folders"):
-        folder = policy.folders[0]
-    else:
-        folder = policy.run_dir / policy.manifest.get("model", "model")
-    tokenizer = load_tokenizer(str(folder))
-    prefill = tokenizer([policy.prompt_for(p, weights) for p in prompts])["input_ids"]
-    generated = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    tokens = sum(len(ids) for ids in prefill) + sum(len(ids) for ids in generated)
-    return size_from_config(base).forward_per_token * tokens
 
 
 def evaluate_policy(
@@ -133,7 +108,7 @@ def evaluate_policy(
                 raise MoalignError(f"the policy returned {len(responses)} responses for {len(prompts)} prompts")
             count, unit = _count_tokens(policy, responses)
             tokens += count
-            flops += _generation_flops(policy, prompts, responses, w)
+            flops += generation_flops(policy, prompts, responses, w)
             # on the main process, which has every response: the other ranks would score them all again
             scores = distributed.run_on_main(score, objectives, prompts, responses, cache, progress=False)
             collapse = getattr(policy, "degenerate", None)  # a policy's own rule (images: identical images)
@@ -201,53 +176,6 @@ def _responses(
     return [c.text for c in completions]
 
 
-def load_prompts(path: str | Path) -> list[str]:
-    """Prompts from a JSONL file with a `prompt` field per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise MoalignError(f"prompt file {path} does not exist")
-    prompts = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MoalignError(f"{path}:{number} is not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise MoalignError(f"{path}:{number} has no string 'prompt' field")
-            prompts.append(row["prompt"])
-    if not prompts:
-        raise MoalignError(f"prompt file {path} holds no prompts")
-    return prompts
-
-
-def _resolve_prompts(
-    prompts: Sequence[str] | str | Path | None, manifests: list[tuple[Path, dict]], n_prompts: int | None
-) -> list[str]:
-    if isinstance(prompts, (str, Path)):
-        loaded = load_prompts(prompts)
-    elif prompts is not None:
-        loaded = [str(p) for p in prompts]
-    else:
-        source = next(((run, m["eval_prompts"]) for run, m in manifests if m.get("eval_prompts")), None)
-        if source is None:
-            raise MoalignError(
-                "no evaluation prompts: pass --prompts FILE.jsonl or train with eval_prompts set in the manifest"
-            )
-        run, path = source
-        path = Path(path)
-        loaded = load_prompts(path if path.is_absolute() else run / path)
-    if n_prompts is not None:
-        if n_prompts < 1:
-            raise MoalignError(f"--n-prompts must be ≥ 1, got {n_prompts}")
-        loaded = loaded[:n_prompts]
-    if not loaded:
-        raise MoalignError("no evaluation prompts: the prompt list is empty")
-    return loaded
-
-
 def _objective_specs(manifests: list[tuple[Path, dict]]) -> tuple[list, list[str]]:
     """The first run's objectives; every run compared must name the same ones."""
     first_run, first = manifests[0]
@@ -311,7 +239,7 @@ def evaluate_runs(
         raise MoalignError(f"--divisions must be ≥ 1, got {divisions}")
     if chunk_size < 1:
         raise MoalignError(f"--generation_chunk_size must be ≥ 1, got {chunk_size}")
-    prompt_list = _resolve_prompts(prompts, manifests, n_prompts)
+    prompt_list = resolve_prompts(prompts, manifests, n_prompts)
     objectives = build_all(specs)
     if names and [o.name for o in objectives] != names:
         raise MoalignError(

@@ -20,6 +20,7 @@ from moalign.cost.estimators import Estimate, estimate
 from moalign.cost.sizes import (
     LoraShape,
     ModelSize,
+    generation_flops,
     model_size,
     record_stage_flops,
     scoring_flops,
@@ -34,6 +35,7 @@ __all__ = [
     "ModelSize",
     "cli",
     "estimate",
+    "generation_flops",
     "gpu_hours",
     "model_size",
     "record_stage_flops",

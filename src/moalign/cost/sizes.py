@@ -107,6 +107,31 @@ def scoring_flops(objectives: Sequence[Any], prompts: Sequence[str], responses: 
     return total
 
 
+def generation_flops(policy: Any, prompts: Sequence[str], responses: Sequence[str], w: Any) -> float:
+    """2·N per prompt token (prefill) and per generated token, counted with the serving model's
+    tokenizer; N the run's base model's (every model of a per-preference run or a soup shares its architecture).
+    Not counted for images."""
+    base = getattr(policy, "manifest", {}).get("base_model")
+    if getattr(policy, "output_unit", None) or not base:
+        return 0.0
+    from moalign.models import load_tokenizer
+
+    weights = policy.check_weights(w)
+    # the tokenizer alone (a policy served by an upstream engine has no weights loaded), from the serving model's
+    # folder: the preference's model, a soup's first ingredient, or the run's one model
+    if hasattr(policy, "nearest"):
+        folder = policy.paths[policy.nearest(weights)]
+    elif hasattr(policy, "folders"):
+        folder = policy.folders[0]
+    else:
+        folder = policy.run_dir / policy.manifest.get("model", "model")
+    tokenizer = load_tokenizer(str(folder))
+    prefill = tokenizer([policy.prompt_for(p, weights) for p in prompts])["input_ids"]
+    generated = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    tokens = sum(len(ids) for ids in prefill) + sum(len(ids) for ids in generated)
+    return size_from_config(base).forward_per_token * tokens
+
+
 def _shipped_name(name: str) -> Path:
     return SHIPPED_CONFIGS / f"{name.replace('/', '--')}.json"
 

@@ -201,7 +201,8 @@ def base_pipeline(out: Path, corpus: Path, config_path: Path) -> Path:
     import shutil
 
     from moalign.image.data import load_images
-    from moalign.image.ric import RiCImageConfig, train_denoiser
+    from moalign.image.denoiser import train_denoiser
+    from moalign.image.ric import RiCImageConfig
     from moalign.methods.config import parse_config
 
     final = out / "base_pipeline"
