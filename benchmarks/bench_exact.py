@@ -74,7 +74,11 @@ def run(quick: bool) -> list[dict[str, Any]]:
                     "value": round(row["estimated_flops"] / row["flops"], 4),
                     "unit": "ratio",
                     "note": "the estimate of the same YAML (runs/bench_exact/configs) over the FLOPs the run recorded"
-                    + ("; rollouts estimated at max_completion_length, an upper bound" if "PPO" in name else ""),
+                    + (
+                        "; rollouts at the length the initial policy samples (--pilot_prompts 32)"
+                        if "PPO" in name
+                        else ""
+                    ),
                 }
             )
     rows.append(

@@ -10,6 +10,7 @@ import yaml
 
 from moalign.cli import main
 from moalign.cost import LoraShape, estimate, model_size, size_from_config
+from moalign.cost.estimators import selected_lengths
 from moalign.run import read_manifest
 from moalign.testing import CORPUS, build_causal_lm
 
@@ -351,3 +352,90 @@ def test_an_rloo_or_grpo_stage_counts_generation_reference_and_training(tmp_path
     assert stage["flops"] == pytest.approx(expected)
     predicted, _, _ = estimate(str(config))
     assert predicted.flops == pytest.approx(stage["flops"], rel=0.10)
+
+
+def eos_every_fifth_token(model, tokenizer) -> None:
+    """A policy whose next-token distribution is the same at every position, with EOS at probability 0.2: it
+    answers in ~5 tokens whatever the cap (the final layer norm's output is its bias alone)."""
+    import math
+
+    import torch
+
+    width = model.config.n_embd
+    direction = torch.nn.functional.normalize(torch.randn(width), dim=0)
+    model.transformer.ln_f.weight.zero_()
+    model.transformer.ln_f.bias.copy_(direction)
+    embeddings = model.get_output_embeddings().weight  # tied to the input embeddings
+    embeddings.zero_()
+    embeddings[tokenizer.eos_token_id] = math.log(0.25 * (len(tokenizer) - 1)) * direction  # odds 1:4
+
+
+def test_a_pilot_estimates_rollouts_of_a_policy_that_stops_early(tmp_path: Path):
+    """`moalign cost --pilot_prompts N` samples the initial policy for the length its rollouts will have: a PPO
+    run whose policy stops after ~5 of its 32 allowed tokens is estimated within 10%, where the cap (the
+    default, an upper bound) is more than twice the count."""
+    model = build_causal_lm(tmp_path / "lm", customize=eos_every_fifth_token)
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"question {i}:", "response": "an answer"}) + "\n" for i in range(256))
+    )
+    config = recipe(
+        tmp_path,
+        "morl",
+        model_name_or_path=str(model),
+        dataset=str(data),
+        objectives=["length", "brevity"],
+        normalization="none",
+        algorithm="ppo",
+        preferences=["0.5,0.5"],
+        max_steps=4,
+        per_device_train_batch_size=64,
+        ppo_epochs=1,
+        max_completion_length=32,
+        temperature=1.0,
+        learning_rate=1e-6,
+        max_length=None,
+    )
+    assert main(["morl", "--config", str(config)]) == 0
+    counted = read_manifest(tmp_path / "morl")["training"]["flops"]
+    stage = read_manifest(tmp_path / "morl")["training"]["stages"]["w0.5-0.5"]
+    assert 3 < stage["generated_tokens"] / 256 < 8  # the policy stopped early, as built
+    at_cap, _, _ = estimate(str(config))
+    piloted, _, _ = estimate(str(config), pilot_prompts=256)
+    assert at_cap.flops > 2 * counted
+    assert piloted.flops == pytest.approx(counted, rel=0.10)
+    assert "the initial policy's mean over 256 prompts" in piloted.notes[-1]
+
+
+def test_paretohqd_estimate_trains_on_the_samples_selection_picks(tmp_path: Path):
+    """Stage 1 trains on the k samples nearest each preference's ray: with brevity in the objectives they are the
+    short ones. The estimate selects as the run does (lexical objectives: scored in the estimate), so it matches
+    the count where the data's mean length would be far off."""
+    model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    words = ["yes", "the", "answer", "is", "yes", "and", "no"]
+    rows = [
+        {"prompt": f"q{i}:", "response": " ".join(words[j % len(words)] for j in range(1 + (i * 7) % 40))}
+        for i in range(60)
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = recipe(
+        tmp_path,
+        "paretohqd",
+        model_name_or_path=str(model),
+        dataset=str(data),
+        objectives=["brevity", "length"],
+        preferences=["0.9,0.1", "0.8,0.2"],
+        stages=1,
+        k=8,
+        stage1_max_steps=4,
+        selection_plots=False,
+        max_length=128,
+    )
+    predicted, shape, parsed = estimate(str(config))  # before the run: scores.parquet does not exist yet
+    assert main(["paretohqd", "--config", str(config)]) == 0
+    counted = read_manifest(tmp_path / "paretohqd")["training"]["flops"]
+    assert predicted.flops == pytest.approx(counted, rel=0.02)
+    # what makes the difference: the selected samples are much shorter than the data's mean
+    mean = shape.prompt_tokens + shape.response_tokens + 1
+    assert all(length < 0.6 * mean for length in selected_lengths(parsed, shape, []))

@@ -267,22 +267,48 @@ def test_modpo_approaches_the_exact_optimum(tmp_path: Path):
     assert max(values[2:]) < 0.35 * values[0], history  # and staying near π*_w (label noise keeps it off 0)
 
 
-def test_every_method_runs_on_the_exact_task_and_is_read_exactly(tmp_path: Path):
-    """`moalign demo --task exact` end to end at toy size on a tiny π_ref: MORLHF (and its one-hot models as the
-    soup's ingredients), SFT and ParetoHqD trained through their recipes, each read exactly over the candidates,
-    with gaps, hypervolume, counted FLOPs and `moalign cost`'s estimate in the table."""
-    import json
-
-    from moalign.exact.pipeline import LABELS, SIZES, run_exact
+def toy_exact_task(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    """A tiny π_ref whose tokenizer knows the toy task's texts, and `run_exact` sizes for 3 prompts × 4 candidates."""
+    from moalign.exact.pipeline import SIZES
     from moalign.exact.task import build_candidate_task
-    from moalign.run import read_manifest
     from moalign.testing import build_causal_lm
 
     task = build_candidate_task(3, 4, seed=1)  # the task run_exact builds at seed 0: its tokenizer's texts
     texts = [*task.prompts, *(y for row in task.candidates for y in row)]
     base = build_causal_lm(tmp_path / "lm", texts=texts, n_embd=32, n_layer=2, n_positions=1024)
     size = {**SIZES["quick"], "prompts": 3, "k": 4, "ppo_steps": 1, "sft_steps": 2, "hqd_k": 3, "hqd_steps": 2}
-    size["max_length"] = 1024  # the test tokenizer's few merges make the demo's texts several hundred tokens
+    size |= {"modpo_steps": 2, "max_length": 1024}  # the test tokenizer's few merges: texts of hundreds of tokens
+    return base, size
+
+
+def test_methods_trained_in_parallel_processes_give_the_same_numbers(tmp_path: Path):
+    """The exact benchmark trains MODPO beside the other methods in two processes: every number (points, KL,
+    FLOPs) is the one a single process gives, because each method trains on one thread from its own seed."""
+    from moalign.exact.pipeline import run_exact
+
+    base, size = toy_exact_task(tmp_path)
+    results = [
+        run_exact(
+            tmp_path / f"out{workers}", methods=("modpo", "sft"), base_model=str(base), size=size, workers=workers
+        )
+        for workers in (1, 2)
+    ]
+    one, two = ([{k: v for k, v in row.items() if k != "seconds"} for row in r["rows"]] for r in results)
+    assert [row["name"] for row in one] == ["base (π_ref)", "MODPO", "SFT"]
+    assert one[1]["flops"] > 0 and one[1]["points"] != one[0]["points"]  # MODPO moved off π_ref
+    assert one == two
+
+
+def test_every_method_runs_on_the_exact_task_and_is_read_exactly(tmp_path: Path):
+    """`moalign demo --task exact` end to end at toy size on a tiny π_ref: MORLHF (and its one-hot models as the
+    soup's ingredients), SFT and ParetoHqD trained through their recipes, each read exactly over the candidates,
+    with gaps, hypervolume, counted FLOPs and `moalign cost`'s estimate in the table."""
+    import json
+
+    from moalign.exact.pipeline import LABELS, run_exact
+    from moalign.run import read_manifest
+
+    base, size = toy_exact_task(tmp_path)
     methods = ("morl", "soups", "sft", "paretohqd")
     result = run_exact(tmp_path / "out", methods=methods, base_model=str(base), size=size)
     rows = {row["name"]: row for row in result["rows"]}

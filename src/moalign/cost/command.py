@@ -38,6 +38,10 @@ class CostArguments:
     new_tokens: float | None = field(
         default=None, metadata={"help": "mean tokens each generation samples (default: the config's cap)"}
     )
+    pilot_prompts: int = field(
+        default=0,
+        metadata={"help": "estimate generations at the length the initial policy samples on N of the data's prompts"},
+    )
     num_processes: int = field(default=1, metadata={"help": "data-parallel processes (GPUs): the global batch"})
     json_output: str | None = field(default=None, metadata={"help": "also write the estimate as JSON here"})
 
@@ -51,6 +55,8 @@ def cli(argv: list[str]) -> None:
         raise MoalignError(f"gpu {args.gpu!r} is not known; use one of {', '.join(PEAK_TFLOPS)}")
     if not 0 < args.utilisation <= 1:
         raise MoalignError(f"utilisation must be in (0, 1], got {args.utilisation}")
+    if args.pilot_prompts < 0:
+        raise MoalignError(f"pilot_prompts must be ≥ 0, got {args.pilot_prompts}")
     if args.num_processes < 1:
         raise MoalignError(f"num_processes must be ≥ 1, got {args.num_processes}")
     result, _, config = estimate(
@@ -61,6 +67,7 @@ def cli(argv: list[str]) -> None:
         args.response_tokens,
         num_processes=args.num_processes,
         new_tokens=args.new_tokens,
+        pilot_prompts=args.pilot_prompts,
     )
     rows = [
         {

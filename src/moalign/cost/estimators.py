@@ -160,12 +160,17 @@ class Recipe:
         return _capped(self.shape.prompt_tokens + extra_prompt_tokens + self.shape.response_tokens, self.config)
 
     def new_tokens(self) -> float:
-        """Generated tokens per response: as given (`--new_tokens`), else the config's cap (`max_completion_length`
-        for RL rollouts, `sample_max_new_tokens` for a recipe's own generation). How long a policy answers is
-        only known once it runs, so the default is the most it can cost: a policy that stops earlier costs less.
-        """
-        limit = getattr(self.config, "max_completion_length", None) or self.config.sample_max_new_tokens
-        given = getattr(self.config, "cost_new_tokens", None)
+        """Generated tokens per response: as given (`--new_tokens`), measured on the initial policy
+        (`--pilot_prompts`, sampled once, at the first generation the estimate meets), else the config's cap
+        (`max_completion_length` for RL rollouts, `sample_max_new_tokens` for a recipe's own generation): how long
+        a policy answers is only known once it runs, so the default is the most it can cost."""
+        config = self.config
+        config.cost_generates = True
+        limit = getattr(config, "max_completion_length", None) or config.sample_max_new_tokens
+        if config.cost_new_tokens is None and config.cost_pilot_prompts > 0:
+            config.cost_new_tokens = pilot_new_tokens(config, config.cost_pilot_prompts)
+            config.cost_new_tokens_source = f"the initial policy's mean over {config.cost_pilot_prompts} prompts"
+        given = config.cost_new_tokens
         return float(limit if given is None else min(given, limit))
 
 
@@ -192,6 +197,71 @@ def _tag_tokens(config: Any, names: list[str]) -> float:
     plain = "\n\nHuman: a question\n\nAssistant:"
     tagged = format_prompt(plain, [0.0] * len(names), template)
     return len(tokenizer(tagged)["input_ids"]) - len(tokenizer(plain)["input_ids"])
+
+
+def pilot_new_tokens(config: Any, prompts: int) -> float:
+    """Mean tokens the initial policy samples for the first `prompts` distinct prompts of the data, with the
+    settings and cap of the recipe's own generation (an RL rollout's `temperature`, `top_p` and
+    `max_completion_length`; else `sample_*` and the turn markers as stops). A measurement before the run for a
+    policy that stops before the cap; training moves the length, and RiC's tags and ParetoHqD's stage-1 models
+    are not in the pilot. Needs the policy's weights and the data on disk."""
+    from moalign import data, generation
+    from moalign.generation import SamplingParams
+    from moalign.methods.common import sampling_fields
+    from moalign.models import pick_device
+
+    if not (os.path.exists(str(config.dataset)) and os.path.exists(str(config.model_name_or_path))):
+        raise MoalignError("--pilot_prompts samples the initial policy: it needs the model and the dataset on disk")
+    dataset = data.head(data.load(str(config.dataset), config.dataset_split), config.max_samples)
+    questions = list(dict.fromkeys(data.to_samples(dataset)[0]))[:prompts]
+    rollout = getattr(config, "max_completion_length", None)
+    if rollout:
+        fields, stop = {"max_new_tokens": rollout, "temperature": config.temperature, "top_p": config.top_p}, []
+    else:
+        fields, stop = sampling_fields(config), list(data.TURN_MARKERS)
+    params = [SamplingParams(**fields, seed=config.seed + i, stop=stop) for i in range(len(questions))]
+    model, tokenizer = generation.load_model(str(config.model_name_or_path), device=pick_device("auto"))
+    completions = generation.generate(model, tokenizer, questions, params, batch_size=64)
+    # an RL step trains on the EOS it stopped at (PPO appends it; TRL's completions hold it)
+    lengths = [len(c.token_ids) + (bool(rollout) and c.finish_reason == "stop") for c in completions]
+    return sum(lengths) / max(1, len(lengths))
+
+
+def selected_lengths(config: Any, shape: DataShape, scorers: list) -> list[float] | None:
+    """Mean tokens (prompt + response + EOS) of the samples ParetoHqD's stage 1 selects for each preference,
+    selected as the run will: with the run's scores.parquet (a run, or `moalign paretohqd --select_only`, wrote
+    it), the data's score columns, or scores computed here when no objective needs a model. None otherwise: the
+    estimate then takes the data's mean."""
+    from pathlib import Path
+
+    from moalign.methods.common import load_tokenizer
+    from moalign.methods.paretohqd.recipe import dataset_scores, reuse_scores, training_frame
+    from moalign.methods.paretohqd.selection import select_all
+    from moalign.objectives import build_all
+    from moalign.pareto import parse_preferences
+    from moalign.scores import score
+
+    if shape.source != "measured":
+        return None
+    names = [_objective_name(spec) for spec in config.objectives]
+    frame, source = training_frame(config)
+    if not reuse_scores(frame, names, Path(config.output_dir) / "scores.parquet"):
+        given = dataset_scores(config, source, names)
+        if given is None and scorers:
+            return None
+        if given is None:
+            given = score(
+                build_all(config.objectives), frame["prompt"].tolist(), frame["response"].tolist(), progress=False
+            )
+        for name in names:
+            frame[name] = given[name]
+    preferences = parse_preferences(config.preferences, len(names))
+    selections = select_all(frame, names, preferences, config.k, config.n_layers, config.distance)[0]
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    prompts = tokenizer(frame["prompt"].tolist())["input_ids"]
+    responses = tokenizer([" " + r for r in frame["response"]])["input_ids"]
+    lengths = [len(p) + len(r) + 1 for p, r in zip(prompts, responses)]
+    return [sum(lengths[i] for i in chosen) / max(1, len(chosen)) for chosen in selections]
 
 
 def estimate_sft(config: Any, shape: DataShape) -> Estimate:
@@ -316,8 +386,11 @@ def estimate_paretohqd(config: Any, shape: DataShape) -> Estimate:
     length = recipe.sample_length()
     if recipe.scorers:
         estimate.add("score data", recipe.score(shape.samples, length), f"{shape.samples} samples")
-    flops, tokens = recipe.train(_sequences(config, config.stage1_max_steps, config.k), length)
-    estimate.add("stage 1", preferences * flops, f"{preferences} preferences", preferences * tokens)
+    selected = selected_lengths(config, shape, recipe.scorers)
+    sequences = _sequences(config, config.stage1_max_steps, config.k)
+    trained = [recipe.train(sequences, _capped(each, config)) for each in selected or [length] * preferences]
+    how = "the selected samples' lengths" if selected else "the data's mean length"
+    estimate.add("stage 1", sum(f for f, _ in trained), f"{preferences} preferences, {how}", sum(t for _, t in trained))
     if config.stages >= 2:
         models, n, new = len(config.objectives) + 1, config.stage2_prompts, recipe.new_tokens()
         generated = recipe.generate(models * n, shape.prompt_tokens, new) + recipe.score(
@@ -362,8 +435,10 @@ def estimate(
     response_tokens: float | None = None,
     num_processes: int = 1,
     new_tokens: float | None = None,
+    pilot_prompts: int = 0,
 ) -> tuple[Estimate, DataShape, Any]:
-    """Parse a recipe YAML with its method's own config class (so defaults are the method's) and estimate it."""
+    """Parse a recipe YAML with its method's own config class (so defaults are the method's) and estimate it;
+    with `pilot_prompts`, generations are estimated at the length the initial policy samples (`pilot_new_tokens`)."""
     import importlib
 
     from moalign.methods.config import config_section, parse_config
@@ -375,11 +450,18 @@ def estimate(
     module, _, name = target.partition(":")
     config_class = getattr(importlib.import_module(module), name)
     config = parse_config(config_class, ["--config", path], section=method)
-    config.cost_processes, config.cost_new_tokens = num_processes, new_tokens
+    config.cost_processes, config.cost_new_tokens, config.cost_pilot_prompts = num_processes, new_tokens, pilot_prompts
+    config.cost_new_tokens_source, config.cost_generates = "given", False
     shape = data_shape(config, config.model_name_or_path, rows, prompt_tokens, response_tokens)
     result = estimator(config, shape)
     result.notes.append(
         f"data: {shape.rows} rows ({'pairs' if shape.pairs else 'samples'}), {shape.prompt_tokens:.1f} prompt and "
         f"{shape.response_tokens:.1f} response tokens on average ({shape.source})"
     )
+    if config.cost_generates:
+        result.notes.append(
+            "generations: at the config's cap, the most they can cost (--pilot_prompts N measures)"
+            if config.cost_new_tokens is None
+            else f"generations: {config.cost_new_tokens:.1f} new tokens each ({config.cost_new_tokens_source})"
+        )
     return result, shape, config

@@ -17,6 +17,7 @@ Every run is then read exactly (no sampling) over the candidates.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,10 @@ SIZES = {
     "full": {"prompts": 48, "k": 12, "draws": 2, "modpo_steps": 30, "ric_steps": 150, "ppo_steps": 10}
     | {"sft_steps": 30, "hqd_k": 48, "hqd_steps": 15, "max_length": 160},
 }
+PILOT = 32  # prompts `moalign cost --pilot_prompts` samples to estimate how long rollouts are
 METHODS = ("modpo", "ric", "morl", "soups", "sft", "paretohqd")  # soups after morl: its ingredients
+# methods trained side by side, one process and one thread each: MODPO alone is about half the FLOPs
+CHAINS = (("modpo",), ("ric", "morl", "soups", "sft", "paretohqd"))
 LABELS = {
     "modpo": "MODPO",
     "ric": "RiC (offline)",
@@ -199,6 +203,31 @@ def train_method(name: str, recipe: Path) -> float:
     return time.perf_counter() - start
 
 
+def train_chain(names: list[str], recipes: dict[str, Path]) -> dict[str, float]:
+    """Train `names` one after another on one torch thread (a worker process's job); seconds per method."""
+    from moalign.demo.base_model import demo_threads
+
+    with demo_threads():
+        return {name: train_method(name, recipes[name]) for name in names}
+
+
+def train_all(methods: tuple[str, ...], recipes: dict[str, Path], workers: int) -> dict[str, float]:
+    """Every method in `methods`, the chains in parallel processes when `workers` > 1 (the numbers are the same:
+    each method trains on one thread from its own seed); seconds per method."""
+    chains = [[name for name in chain if name in methods] for chain in CHAINS]
+    chains = [chain for chain in chains if chain]
+    if workers <= 1 or len(chains) <= 1:
+        return train_chain([name for chain in chains for name in chain], recipes)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    seconds: dict[str, float] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(train_chain, chain, recipes) for chain in chains]:
+            seconds.update(future.result())
+    return seconds
+
+
 def run_exact(
     out: Path,
     quick: bool = False,
@@ -206,18 +235,24 @@ def run_exact(
     methods: tuple[str, ...] = METHODS,
     base_model: str | None = None,
     size: dict[str, int] | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Build the task, train the methods, evaluate them exactly; writes exact.json, exact.md and exact_front.png.
-    `size` replaces the quick or full sizes (`SIZES`' keys).
+    `size` replaces the quick or full sizes (`SIZES`' keys); `workers` processes train (default: 2 where there
+    are 2 cores).
 
-    On the demo's one torch thread: the numbers then depend on the seed, not on the machine's core count."""
+    Every method trains on one torch thread: the numbers then depend on the seed, not on the machine's core count
+    or the number of workers."""
     from moalign.demo.base_model import demo_threads
 
+    workers = workers if workers is not None else min(len(CHAINS), os.cpu_count() or 1)
     with demo_threads():
-        return _run_exact(out, size or SIZES["quick" if quick else "full"], seed, methods, base_model)
+        return _run_exact(out, size or SIZES["quick" if quick else "full"], seed, methods, base_model, workers)
 
 
-def _run_exact(out: Path, size: dict[str, int], seed: int, methods: tuple[str, ...], base_model: str | None) -> dict:
+def _run_exact(
+    out: Path, size: dict[str, int], seed: int, methods: tuple[str, ...], base_model: str | None, workers: int
+) -> dict:
     from moalign.cost import estimate
     from moalign.demo.task import prepare_task
     from moalign.generation import load_model
@@ -238,8 +273,8 @@ def _run_exact(out: Path, size: dict[str, int], seed: int, methods: tuple[str, .
     # π_ref at each preference: where training starts, so KL(π*_w‖π_ref) is the distance a method should close
     start_points = [policy_point(ref_logp, task, ref_logp, w, BETA) for w in preferences]
     rows = [summarise("base (π_ref)", start_points, task, ref_logp)]
+    trained_in = train_all(methods, recipes, workers)
     for name in methods:
-        seconds = train_method(name, recipes[name])
         run_dir = Path(yaml.safe_load(recipes[name].read_text())["output_dir"])
         policy = load_policy(run_dir, device="cpu")
         targets_beta = name in ("modpo", "morl")  # they optimise E[wᵀr] − β·KL at this β
@@ -250,8 +285,9 @@ def _run_exact(out: Path, size: dict[str, int], seed: int, methods: tuple[str, .
         row = summarise(LABELS[name], points, task, ref_logp)
         # a soup's training is its ingredients' (the manifest sums their stages): MORLHF's one-hot models
         training = read_manifest(run_dir)["training"]
-        counted, seconds = float(training.get("flops", 0.0)), float(training.get("seconds", seconds))
-        predicted = None if name == "soups" else estimate(str(recipes[name]), method=name)[0].flops
+        counted, seconds = float(training.get("flops", 0.0)), float(training.get("seconds", trained_in[name]))
+        # the estimate made before a run, with rollouts at the length the initial policy samples (a pilot)
+        predicted = None if name == "soups" else estimate(str(recipes[name]), name, pilot_prompts=PILOT)[0].flops
         row.update(seconds=seconds, flops=counted, estimated_flops=predicted)
         rows.append(row)
         log.info(f"exact task: {LABELS[name]} trained and evaluated in {seconds:.0f}s")

@@ -105,10 +105,8 @@ def validate(config: ParetoHqDConfig) -> None:
         raise MoalignError(f"ParetoHqD needs at least two objectives, got {list(config.objectives)}")
 
 
-def score_training_data(config: ParetoHqDConfig, objectives, run_dir: Path) -> tuple[pd.DataFrame, float, float]:
-    """The training samples with a score column per objective, cached in `scores.parquet`; and the seconds and
-    FLOPs (moalign.cost: model-based objectives) the scoring spent."""
-    names = [objective.name for objective in objectives]
+def training_frame(config: ParetoHqDConfig) -> tuple[pd.DataFrame, datasets.Dataset]:
+    """The training samples as a prompt/response frame (pairs: both responses, with their pair and which won)."""
     source = load_training_data(config)
     prompts, responses = data.to_samples(source)
     if not prompts:
@@ -117,35 +115,58 @@ def score_training_data(config: ParetoHqDConfig, objectives, run_dir: Path) -> t
     if data.is_pairs(source):
         frame["pair"] = list(range(len(source))) * 2
         frame["preferred"] = [True] * len(source) + [False] * len(source)
-    cached = run_dir / "scores.parquet"
-    if cached.exists():
-        previous = pd.read_parquet(cached)
-        same = (
-            len(previous) == len(frame)
-            and set(names) <= set(previous.columns)
-            and previous["prompt"].tolist() == prompts
-            and previous["response"].tolist() == responses
-        )
-        if same:
-            log.info(f"scores: reusing {cached}")
-            for name in names:
-                frame[name] = previous[name].to_numpy(dtype=float)
-            return frame, 0.0, 0.0
-    start, flops = time.perf_counter(), 0.0
-    columns = set(source.column_names)
-    if config.use_score_columns and not data.is_pairs(source) and set(names) <= columns:
-        log.info(f"scores: using the dataset's columns {names}")
+    return frame, source
+
+
+def reuse_scores(frame: pd.DataFrame, names: list[str], cached: Path) -> bool:
+    """Fill `frame`'s score columns from `cached` (a run's scores.parquet) when it scored exactly these samples."""
+    if not cached.exists():
+        return False
+    previous = pd.read_parquet(cached)
+    same = (
+        len(previous) == len(frame)
+        and set(names) <= set(previous.columns)
+        and previous["prompt"].tolist() == frame["prompt"].tolist()
+        and previous["response"].tolist() == frame["response"].tolist()
+    )
+    if same:
         for name in names:
-            values = np.asarray(source[name], dtype=float)
-            if not np.isfinite(values).all():
-                raise MoalignError(f"score column {name!r} of {config.dataset} has NaN or infinite values")
-            frame[name] = values
+            frame[name] = previous[name].to_numpy(dtype=float)
+    return same
+
+
+def dataset_scores(config: ParetoHqDConfig, source: datasets.Dataset, names: list[str]) -> dict[str, np.ndarray] | None:
+    """The dataset's own score columns, one per objective, when `use_score_columns` allows (samples, not pairs)."""
+    if not (config.use_score_columns and not data.is_pairs(source) and set(names) <= set(source.column_names)):
+        return None
+    scores = {name: np.asarray(source[name], dtype=float) for name in names}
+    for name, values in scores.items():
+        if not np.isfinite(values).all():
+            raise MoalignError(f"score column {name!r} of {config.dataset} has NaN or infinite values")
+    return scores
+
+
+def score_training_data(config: ParetoHqDConfig, objectives, run_dir: Path) -> tuple[pd.DataFrame, float, float]:
+    """The training samples with a score column per objective, cached in `scores.parquet`; and the seconds and
+    FLOPs (moalign.cost: model-based objectives) the scoring spent."""
+    names = [objective.name for objective in objectives]
+    frame, source = training_frame(config)
+    cached = run_dir / "scores.parquet"
+    if reuse_scores(frame, names, cached):
+        log.info(f"scores: reusing {cached}")
+        return frame, 0.0, 0.0
+    prompts, responses = frame["prompt"].tolist(), frame["response"].tolist()
+    start, flops = time.perf_counter(), 0.0
+    given = dataset_scores(config, source, names)
+    if given is not None:
+        log.info(f"scores: using the dataset's columns {names}")
     else:
         from moalign.cost import scoring_flops
 
-        for name, values in score(objectives, prompts, responses, score_cache(config)).items():
-            frame[name] = values
+        given = score(objectives, prompts, responses, score_cache(config))
         flops = scoring_flops(objectives, prompts, responses)
+    for name in names:
+        frame[name] = given[name]
     seconds = time.perf_counter() - start
     atomic_write_parquet(frame, cached)
     return frame, seconds, flops
