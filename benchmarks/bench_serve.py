@@ -12,11 +12,13 @@ request at a time (p50, p99), and its throughput at 200 concurrent clients relat
 that both see about the same machine load). Native streaming: time to the first chunk against time to
 the last, one request of 64 tokens at a time.
 
-Where the CPU goes: beside a GPU engine the router has CPU to itself, while here the upstream samples
-on the CPU. So the router runs on a core of its own (`os.sched_setaffinity`, inherited by the process
-it starts): on two cores the upstream and the clients share the other one, on three or more each has
-its own. The CPU seconds each server process used during the throughput rounds, per request, are
-reported too: what the router would take from an engine that shared its cores.
+Where the CPU goes: the upstream stands for an engine on its own accelerator, so it gets a core of its own
+(`os.sched_setaffinity`, inherited by the process it starts) and the router and the clients share the rest: on
+two cores the router and the clients share the other one, on three or more each has its own. A direct round and
+a routed round then give the upstream the same core; the router's cost shows as the work it adds on the
+clients' side and as what the upstream waits for. The CPU seconds each server process used during the
+throughput rounds, per request, are reported too: what the router would take from an engine that shared its
+cores.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import httpx
 import numpy as np
 
 MAX_TOKENS = 32
-ROUNDS = 3  # direct-then-routed rounds at full concurrency
+ROUNDS = 5  # direct-then-routed rounds at full concurrency
 # One intra-op thread for the server unless OMP_NUM_THREADS says otherwise: on a small shared CPU,
 # OpenMP threads spin against other processes and a tiny model's step goes from ~1 ms to ~100 ms.
 THREADS = "1"
@@ -76,14 +78,14 @@ def pinned(cores: set[int] | None) -> Iterator[None]:
 
 
 def placement() -> tuple[dict[str, set[int] | None], str]:
-    """Cores for the upstream, the router and the clients: the router on one of its own."""
+    """Cores for the upstream, the router and the clients: the upstream on one of its own."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cores) >= 3:
         where = {"upstream": {cores[0]}, "router": {cores[1]}, "clients": set(cores[2:])}
         return where, f"upstream on core {cores[0]}, router on core {cores[1]}, clients on {len(cores) - 2} core(s)"
     if len(cores) == 2:
-        where = {"upstream": {cores[0]}, "router": {cores[1]}, "clients": {cores[0]}}
-        return where, f"upstream and clients on core {cores[0]}, router on core {cores[1]}"
+        where = {"upstream": {cores[0]}, "router": {cores[1]}, "clients": {cores[1]}}
+        return where, f"upstream on core {cores[0]}, router and clients on core {cores[1]}"
     return {"upstream": None, "router": None, "clients": None}, "one core: upstream, router and clients share it"
 
 

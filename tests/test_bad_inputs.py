@@ -213,6 +213,11 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("serve open host without key", lambda w: ["serve", str(w.run), "--host", "0.0.0.0"], "--insecure-no-key"),
     ("serve unfinished run", lambda w: ["serve", unfinished_run(w), "--port", "1"], "--allow_incomplete"),
     ("serve upstream url", lambda w: ["serve", str(w.run), "--upstream", "localhost:1"], "http:// or https://"),
+    (
+        "serve upstream concurrency",
+        lambda w: ["serve", str(w.run), "--upstream", "http://127.0.0.1:1/v1", "--upstream_concurrency", "0"],
+        "--upstream-concurrency must be ≥ 1",
+    ),
     # evaluation and generation
     ("eval no run", lambda w: ["eval", w.path("no-run")], "does not exist"),
     ("eval not a run", lambda w: ["eval", str(w.root)], "is not a run directory"),

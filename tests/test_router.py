@@ -226,7 +226,9 @@ def test_ric_routed_sends_exactly_the_prompt_the_policy_writes(runs):
 
 
 class Scripted(BaseHTTPRequestHandler):
-    """An upstream that misbehaves on cue: the prompt says how."""
+    """An upstream that misbehaves on cue: the prompt says how ("held": it counts the requests it holds at once)."""
+
+    held, most_held, lock = 0, 0, threading.Lock()
 
     def log_message(self, *args) -> None:
         return
@@ -234,6 +236,13 @@ class Scripted(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["prompt"]
+        if "held" in prompt:
+            with Scripted.lock:
+                Scripted.held += 1
+                Scripted.most_held = max(Scripted.most_held, Scripted.held)
+            time.sleep(0.2)
+            with Scripted.lock:
+                Scripted.held -= 1
         if "auth" in prompt and self.headers.get("Authorization") != "Bearer sekrit":
             payload = json.dumps({"error": {"message": "wrong upstream key\nsee the logs"}}).encode()
             self.send_response(401)
@@ -375,3 +384,21 @@ def test_eval_on_a_server_gives_the_front_of_local_generation(runs, capsys):
     capsys.readouterr()
     assert main(["eval", str(runs["ric"]), *flags, "--engine", "openai"]) == 2
     assert "--engine openai needs --base_url" in capsys.readouterr().err
+
+
+def test_the_router_keeps_at_most_upstream_concurrency_requests_in_flight(runs, scripted):
+    """Twelve clients at once through a router told `upstream_concurrency=3`: the upstream holds three at a time
+    (not one, not twelve) and every client is answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    Scripted.most_held = 0
+    with router(runs["modpo"], scripted, upstream_concurrency=3) as server:
+        client = api(server)
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(
+                pool.map(
+                    lambda i: client.completions.create(model="modpo", prompt=f"held {i}", max_tokens=3), range(12)
+                )
+            )
+    assert [a.choices[0].text for a in answers] == ["hello there"] * 12
+    assert Scripted.most_held == 3

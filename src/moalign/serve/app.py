@@ -30,7 +30,7 @@ from moalign.pareto import parse_weights
 from moalign.serve.batcher import ClientGone
 from moalign.serve.native import NativeEngine
 from moalign.serve.openai_format import Formatter, Kind, Piece, sse
-from moalign.serve.router import UpstreamEngine
+from moalign.serve.router import IN_FLIGHT, UpstreamEngine
 from moalign.serve.schemas import (
     ApiError,
     ChatRequest,
@@ -66,6 +66,7 @@ class ServeConfig:
     upstream: str | None = None  # an OpenAI-compatible base URL: generation goes there
     upstream_api_key: str | None = None
     upstream_timeout_s: float = 120.0
+    upstream_concurrency: int = IN_FLIGHT  # requests in flight to the upstream
 
 
 @dataclass
@@ -100,7 +101,12 @@ class Server:
         self.routed = config.upstream is not None
         if self.routed:
             self.engine: Any = UpstreamEngine(
-                policy, config.upstream, config.upstream_api_key, config.upstream_timeout_s, self.tokenizer
+                policy,
+                config.upstream,
+                config.upstream_api_key,
+                config.upstream_timeout_s,
+                self.tokenizer,
+                config.upstream_concurrency,
             )
         else:
             max_batch, wait_s = (config.max_batch, config.batch_wait_ms / 1000) if config.batching else (1, 0.0)

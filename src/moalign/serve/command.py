@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from moalign.errors import MoalignError
 from moalign.serve.app import ServeConfig, create_app
+from moalign.serve.router import IN_FLIGHT
 from moalign.serve.transport import uvicorn_options
 
 log = logging.getLogger("moalign.serve")
@@ -46,6 +47,9 @@ class ServeArguments:
         default=None, metadata={"help": "key the upstream requires (or $MOALIGN_UPSTREAM_API_KEY)"}
     )
     upstream_timeout: float = field(default=120.0, metadata={"help": "seconds to wait for the upstream"})
+    upstream_concurrency: int = field(
+        default=IN_FLIGHT, metadata={"help": "requests in flight to the upstream (vLLM's default batch is 256)"}
+    )
     allow_incomplete: bool = field(default=False, metadata={"help": "serve an unfinished per-preference run"})
     log_level: str = "info"
 
@@ -58,6 +62,8 @@ def parse_config(argv: list[str]) -> tuple[ServeArguments, ServeConfig]:
     )
     if args.max_tokens_cap < 1 or args.max_prompt_tokens < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
         raise MoalignError("--max-tokens-cap, --max-prompt-tokens and --max-batch must be ≥ 1, --batch-wait-ms ≥ 0")
+    if args.upstream_concurrency < 1:
+        raise MoalignError(f"--upstream-concurrency must be ≥ 1, got {args.upstream_concurrency}")
     if not 0 < args.port < 65536:
         raise MoalignError(f"--port must be between 1 and 65535, got {args.port}")
     for name in ("header_timeout", "body_timeout", "upstream_timeout"):
@@ -86,6 +92,7 @@ def parse_config(argv: list[str]) -> tuple[ServeArguments, ServeConfig]:
         upstream=args.upstream,
         upstream_api_key=args.upstream_api_key or os.environ.get("MOALIGN_UPSTREAM_API_KEY") or None,
         upstream_timeout_s=args.upstream_timeout,
+        upstream_concurrency=args.upstream_concurrency,
     )
     return args, config
 

@@ -29,7 +29,9 @@ from moalign.serve.schemas import ApiError
 
 log = logging.getLogger("moalign.serve")
 
-IN_FLIGHT = 64  # requests to the upstream at once: a batch of the native engine; 256 measured slower in bench_serve
+# Requests to the upstream at once: vLLM's default batch (max_num_seqs), so an engine's batch is full and its
+# queue is not empty when a batch ends (a limit at the engine's batch size leaves it idle between batches)
+IN_FLIGHT = 256
 RETRIES = 2  # a request that met a dropped keep-alive connection is sent again: rows carry seeds
 
 
@@ -77,21 +79,28 @@ class UpstreamStatus(Exception):
 class UpstreamEngine:
     """Sends each row to the upstream; upstream failures become one-line 502 / 504 answers."""
 
-    def __init__(self, policy: Any, url: str, api_key: str | None, timeout_s: float, tokenizer: Any):
+    def __init__(
+        self,
+        policy: Any,
+        url: str,
+        api_key: str | None,
+        timeout_s: float,
+        tokenizer: Any,
+        in_flight: int = IN_FLIGHT,
+    ):
         self.policy, self.url, self.timeout_s, self.tokenizer = policy, url.rstrip("/"), timeout_s, tokenizer
-        self.api_key = api_key
+        self.api_key, self.in_flight = api_key, in_flight
         self.session: aiohttp.ClientSession | None = None
         self.stats = {"requests": 0, "upstream_errors": 0}
 
     async def start(self) -> None:
-        # At most IN_FLIGHT requests, each on its own keep-alive connection: enough to fill the upstream's
-        # batches. The timeout bounds connecting and each wait for data, not a whole (long) stream.
+        # At most `in_flight` requests, each on its own keep-alive connection. The timeout bounds connecting and each wait for data, not a whole (long) stream.
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        self.slots = asyncio.Semaphore(IN_FLIGHT)
+        self.slots = asyncio.Semaphore(self.in_flight)
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=IN_FLIGHT),
+            connector=aiohttp.TCPConnector(limit=self.in_flight),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s),
             headers=headers,
         )
