@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "moalign" / "configs" / "accelerate"
+SECTION = "several processes"
 GENERATE = r"""
 import json, os, sys, time
 from pathlib import Path
@@ -92,6 +93,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     mine = shared["seconds_per_rank"].get("0", 0.0)  # rank 0's own generation
     return [
         {
+            "section": SECTION,
             "metric": f"moalign sft, {steps} steps of 16 rows: 2 processes × 8 vs 1 × 16",
             "value": round(two, 2),
             "unit": "s",
@@ -100,6 +102,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             "note": "training seconds from the manifests; gloo all-reduce on a 2-core machine, informative only",
         },
         {
+            "section": SECTION,
             "metric": f"sharded generation, {n} prompts × 32 tokens in chunks of {chunk}: 2 processes vs 1",
             "value": round(shared["wall"], 2),
             "unit": "s",
@@ -108,6 +111,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             "note": f"rows per rank {shared['rows_per_rank']}",
         },
         {
+            "section": SECTION,
             "metric": "sharded generation: rank 0 waiting for the other rank in the gathers",
             "value": round(shared["wait_seconds"], 2),
             "unit": "s",
