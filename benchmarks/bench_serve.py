@@ -9,7 +9,8 @@ The router (`moalign serve RUN --upstream URL`, another subprocess) is measured 
 upstream (moalign's native server) reached directly, with the same requests: the latency it adds one
 request at a time (p50, p99), and its throughput at 200 concurrent clients relative to the upstream's
 (the median over rounds of router / direct, each round one direct run followed by one routed run, so
-that both see about the same machine load). Native streaming: time to the first chunk against time to
+that both see about the same machine load; in a round each client sends 5 requests one after another,
+so 200 are in flight throughout and the rate is a steady state rather than the start of one burst). Native streaming: time to the first chunk against time to
 the last, one request of 64 tokens at a time.
 
 Where the CPU goes: the upstream stands for an engine on its own accelerator, so it gets a core of its own
@@ -43,6 +44,7 @@ import numpy as np
 
 MAX_TOKENS = 32
 ROUNDS = 5  # direct-then-routed rounds at full concurrency
+EACH = 5  # requests per client in a throughput round: the rate is then a steady state, not the start of a burst
 # One intra-op thread for the server unless OMP_NUM_THREADS says otherwise: on a small shared CPU,
 # OpenMP threads spin against other processes and a tiny model's step goes from ~1 ms to ~100 ms.
 THREADS = "1"
@@ -141,8 +143,9 @@ class ServerProcess:
             self.process.wait()
 
 
-async def load(url: str, prompts: list[str], clients: int, limit_s: float) -> dict[str, Any]:
-    """`clients` requests at once, one per client; latencies, errors and generated tokens."""
+async def load(url: str, prompts: list[str], clients: int, limit_s: float, each: int = 1) -> dict[str, Any]:
+    """`clients` clients at once, each sending `each` requests one after another (a closed loop: `clients`
+    requests in flight throughout); latencies, errors and generated tokens."""
 
     async def one(http: httpx.AsyncClient, i: int) -> tuple[float, int, str | None]:
         w = (i % 11) / 10
@@ -162,20 +165,25 @@ async def load(url: str, prompts: list[str], clients: int, limit_s: float) -> di
         except httpx.HTTPError as error:
             return time.perf_counter() - start, 0, f"{type(error).__name__}: {error}"
 
+    async def client(http: httpx.AsyncClient, c: int) -> list[tuple[float, int, str | None]]:
+        return [await one(http, c + k * clients) for k in range(each)]
+
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=limit_s, limits=limits) as http:
         start = time.perf_counter()
-        results = await asyncio.wait_for(asyncio.gather(*(one(http, i) for i in range(clients))), limit_s + 10)
+        batches = await asyncio.wait_for(asyncio.gather(*(client(http, c) for c in range(clients))), limit_s + 10)
         wall = time.perf_counter() - start
+    results = [r for batch in batches for r in batch]
     latencies = np.array([r[0] for r in results])
     errors = [r[2] for r in results if r[2]]
     return {
         "wall": wall,
         "p50": float(np.percentile(latencies, 50)),
         "p99": float(np.percentile(latencies, 99)),
-        "requests_per_s": (clients - len(errors)) / wall,
+        "requests_per_s": (len(results) - len(errors)) / wall,
         "tokens_per_s": sum(r[1] for r in results) / wall,
         "tokens": sum(r[1] for r in results),
+        "requests": len(results),
         "errors": len(errors),
         "first_error": errors[0] if errors else "",
     }
@@ -239,9 +247,9 @@ def router_rows(run_dir: Path, prompts: list[str], clients: int, limit_s: float,
         for _ in range(ROUNDS):
             for name, url in (("direct", upstream.url), ("router", router.url)):
                 before = {p.url: cpu_seconds(p.process.pid) for p in (upstream, router)}
-                result = asyncio.run(load(url, prompts, clients, limit_s))
+                result = asyncio.run(load(url, prompts, clients, limit_s, EACH if not quick else 2))
                 for p, key in ((upstream, "upstream_cpu"), (router, "router_cpu")):  # ms per request
-                    result[key] = (cpu_seconds(p.process.pid) - before[p.url]) * 1000 / clients
+                    result[key] = (cpu_seconds(p.process.pid) - before[p.url]) * 1000 / result["requests"]
                 rounds[name].append(result)
         first, last = stream_timings(upstream.url, prompts, 3 if quick else 5, 64)
         routed_first, routed_last = stream_timings(router.url, prompts, 3 if quick else 5, 64)
@@ -253,7 +261,7 @@ def router_rows(run_dir: Path, prompts: list[str], clients: int, limit_s: float,
     router_cpu = float(np.mean([r["router_cpu"] for r in rounds["router"]]))
     added = {q: (np.percentile(routed, q) - np.percentile(direct, q)) * 1000 for q in (50, 99)}
     note = f"{len(direct)} requests one at a time, max_tokens 8, the same requests direct and routed"
-    at = f"{clients} clients, max_tokens {MAX_TOKENS}, mean of {ROUNDS} rounds; {setup}"
+    at = f"{clients} clients × {EACH if not quick else 2} requests, max_tokens {MAX_TOKENS}, mean of {ROUNDS} rounds; {setup}"
     return [
         {"section": "router", "metric": "direct: p50 latency", "value": float(np.percentile(direct, 50)) * 1000, "unit": "ms", "note": note},
         {"section": "router", "metric": "router: p50 latency", "value": float(np.percentile(routed, 50)) * 1000, "unit": "ms", "note": note},
