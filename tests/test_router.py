@@ -229,6 +229,7 @@ class Scripted(BaseHTTPRequestHandler):
     """An upstream that misbehaves on cue: the prompt says how ("held": it counts the requests it holds at once)."""
 
     held, most_held, lock = 0, 0, threading.Lock()
+    dropped: set[str] = set()  # prompts whose first request lost its connection
 
     def log_message(self, *args) -> None:
         return
@@ -253,6 +254,15 @@ class Scripted(BaseHTTPRequestHandler):
             return
         if "slow" in prompt:
             time.sleep(3)
+        if "dropped" in prompt and prompt not in Scripted.dropped:  # headers, half a body, then the line goes dead
+            Scripted.dropped.add(prompt)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "400")
+            self.end_headers()
+            self.wfile.write(b'{"id": "x", "choices": [')
+            self.close_connection = True
+            return
         chunk = {"id": "x", "object": "text_completion", "created": 0, "model": body["model"]}
         if "broken" in prompt or not body["stream"]:
             whole = {**chunk, "choices": [{"index": 0, "text": "hello there", "finish_reason": "stop"}]}
@@ -402,3 +412,12 @@ def test_the_router_keeps_at_most_upstream_concurrency_requests_in_flight(runs, 
             )
     assert [a.choices[0].text for a in answers] == ["hello there"] * 12
     assert Scripted.most_held == 3
+
+
+def test_a_connection_dropped_mid_answer_is_sent_again(runs, scripted):
+    """The upstream closes the connection halfway through its first answer (as a keep-alive connection it timed
+    out would): the router sends the row again, and the client gets the answer, not a 502."""
+    with router(runs["modpo"], scripted) as server:
+        answer = api(server).completions.create(model="modpo", prompt="dropped once", max_tokens=3)
+    assert answer.choices[0].text == "hello there"
+    assert "dropped once" in Scripted.dropped

@@ -15,10 +15,11 @@ over httpx) cost ~11 ms of CPU per request and httpx's connection pool alone ~1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 from fastapi import Request
@@ -33,6 +34,13 @@ log = logging.getLogger("moalign.serve")
 # queue is not empty when a batch ends (a limit at the engine's batch size leaves it idle between batches)
 IN_FLIGHT = 256
 RETRIES = 2  # a request that met a dropped keep-alive connection is sent again: rows carry seeds
+# A connection closed under a request: before its headers (ClientConnectorError is a ClientOSError) or while its
+# body was written or read
+DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)
+# Idle connections are closed before the upstream closes them: uvicorn (vLLM, transformers serve, SGLang) after
+# 5 s; aiohttp's default of 15 s reused connections the upstream was closing
+KEEPALIVE_S = 4.0
+T = TypeVar("T")
 
 
 class Malformed(ValueError):
@@ -100,7 +108,7 @@ class UpstreamEngine:
             headers["Authorization"] = f"Bearer {self.api_key}"
         self.slots = asyncio.Semaphore(self.in_flight)
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.in_flight),
+            connector=aiohttp.TCPConnector(limit=self.in_flight, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s),
             headers=headers,
         )
@@ -166,28 +174,32 @@ class UpstreamEngine:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def send(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        """The upstream's response with its headers read (the body still to read), or the error that ended it;
-        a request that met a connection the upstream had just closed is sent again."""
+        """The upstream's response with its headers read (the body still to read), or the error that ended it."""
         assert self.session is not None, "the server was not started"
-        content, attempt = json.dumps(body).encode(), 0
-        while True:
-            try:
-                response = await self.session.post(f"{self.url}/completions", data=content)
-                break
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):  # ClientConnectorError among them
-                attempt += 1
-                if attempt > RETRIES:
-                    raise
+        response = await self.session.post(f"{self.url}/completions", data=json.dumps(body).encode())
         if response.status >= 400:
             async with response:
                 raise UpstreamStatus(response.status, upstream_message(await response.read(), response.reason))
         return response
 
+    async def resend_if_dropped(self, exchange: Callable[[], Awaitable[T]]) -> T:
+        """`exchange()`, run again when it met a connection the upstream closed as the router reused it: rows
+        carry their seeds, so a request sent again is answered alike."""
+        for attempt in range(RETRIES):
+            with contextlib.suppress(*DROPPED):
+                return await exchange()
+            log.info("upstream %s dropped a connection; sending again (%d)", self.url, attempt + 1)
+        return await exchange()
+
+    async def read_answer(self, body: dict[str, Any]) -> Any:
+        async with await self.send(body) as response:
+            return json.loads(await response.read())
+
     async def whole_row(self, plan: Any, row: int) -> Row:
         body = self.request(plan, row, stream=False)
         try:
-            async with self.slots, await self.send(body) as response:
-                answer = json.loads(await response.read())
+            async with self.slots:
+                answer = await self.resend_if_dropped(lambda: self.read_answer(body))
             choice = completion_choice(answer)
             if choice is None:
                 raise Malformed("a completion without choices")
@@ -222,7 +234,7 @@ class UpstreamEngine:
         finish, parts, used = None, [], None
         try:
             async with self.slots:
-                response = await self.send(body)
+                response = await self.resend_if_dropped(lambda: self.send(body))
             async with response:
                 async for event in self.events(response):
                     choice = completion_choice(event)  # checks the event is a completion object
