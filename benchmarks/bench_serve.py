@@ -168,7 +168,8 @@ async def load(url: str, prompts: list[str], clients: int, limit_s: float, each:
     async def client(http: httpx.AsyncClient, c: int) -> list[tuple[float, int, str | None]]:
         return [await one(http, c + k * clients) for k in range(each)]
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # idle connections expire before the server closes them (uvicorn: 5 s), or a reused one can fail mid-request
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=4.0)
     async with httpx.AsyncClient(timeout=limit_s, limits=limits) as http:
         start = time.perf_counter()
         batches = await asyncio.wait_for(asyncio.gather(*(client(http, c) for c in range(clients))), limit_s + 10)
