@@ -91,6 +91,7 @@ def run_module(path: Path, quick: bool) -> list[dict[str, Any]]:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return [
             {
+                "module": name,  # so that a rerun of the module replaces it
                 "section": name.removeprefix("bench_"),
                 "metric": "error",
                 "value": None,
