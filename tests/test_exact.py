@@ -282,8 +282,9 @@ def toy_exact_task(tmp_path: Path) -> tuple[Path, dict[str, int]]:
 
 
 def test_methods_trained_in_parallel_processes_give_the_same_numbers(tmp_path: Path):
-    """The exact benchmark trains MODPO beside the other methods in two processes: every number (points, KL,
-    FLOPs) is the one a single process gives, because each method trains on one thread from its own seed."""
+    """The exact benchmark trains and reads MODPO beside the other methods in two processes: every number
+    (points, KL, FLOPs, estimates) is the one a single process gives, because each method trains on one thread
+    from its own seed and is read exactly."""
     from moalign.exact.pipeline import run_exact
 
     base, size = toy_exact_task(tmp_path)

@@ -203,29 +203,55 @@ def train_method(name: str, recipe: Path) -> float:
     return time.perf_counter() - start
 
 
-def train_chain(names: list[str], recipes: dict[str, Path]) -> dict[str, float]:
-    """Train `names` one after another on one torch thread (a worker process's job); seconds per method."""
+def train_and_read(name: str, recipe: Path, task: CandidateTask, ref_logp: np.ndarray, preferences) -> dict:
+    """Train one method from its YAML, read its policy exactly at every preference and estimate its recipe's
+    cost: the method's row of the table."""
+    from moalign.cost import estimate
+    from moalign.policy import load_policy
+
+    seconds = train_method(name, recipe)
+    run_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+    policy = load_policy(run_dir, device="cpu")
+    targets_beta = name in ("modpo", "morl")  # they optimise E[wᵀr] − β·KL at this β
+    points = [
+        policy_point(policy_logps(policy, task, w), task, ref_logp, w, BETA if targets_beta else None)
+        for w in preferences
+    ]
+    row = summarise(LABELS[name], points, task, ref_logp)
+    # a soup's training is its ingredients' (the manifest sums their stages): MORLHF's one-hot models
+    training = read_manifest(run_dir)["training"]
+    counted, seconds = float(training.get("flops", 0.0)), float(training.get("seconds", seconds))
+    # the estimate made before a run, with rollouts at the length the initial policy samples (a pilot)
+    predicted = None if name == "soups" else estimate(str(recipe), name, pilot_prompts=PILOT)[0].flops
+    row.update(seconds=seconds, flops=counted, estimated_flops=predicted)
+    log.info(f"exact task: {LABELS[name]} trained in {seconds:.0f}s and read")
+    return row
+
+
+def run_chain(names: list[str], recipes: dict[str, Path], *task_and_preferences: Any) -> dict[str, dict]:
+    """`train_and_read` for `names`, one after another on one torch thread (a worker process's job)."""
     from moalign.demo.base_model import demo_threads
 
     with demo_threads():
-        return {name: train_method(name, recipes[name]) for name in names}
+        return {name: train_and_read(name, recipes[name], *task_and_preferences) for name in names}
 
 
-def train_all(methods: tuple[str, ...], recipes: dict[str, Path], workers: int) -> dict[str, float]:
-    """Every method in `methods`, the chains in parallel processes when `workers` > 1 (the numbers are the same:
-    each method trains on one thread from its own seed); seconds per method."""
+def run_methods(methods: tuple[str, ...], recipes: dict[str, Path], workers: int, *task_and_preferences: Any) -> list:
+    """Every method's row, in the order of `methods`; the chains run in parallel processes when `workers` > 1
+    (the numbers are the same: each method trains on one thread from its own seed and is read exactly)."""
     chains = [[name for name in chain if name in methods] for chain in CHAINS]
     chains = [chain for chain in chains if chain]
+    rows: dict[str, dict] = {}
     if workers <= 1 or len(chains) <= 1:
-        return train_chain([name for chain in chains for name in chain], recipes)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+        rows = run_chain([name for chain in chains for name in chain], recipes, *task_and_preferences)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    seconds: dict[str, float] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(train_chain, chain, recipes) for chain in chains]:
-            seconds.update(future.result())
-    return seconds
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(run_chain, chain, recipes, *task_and_preferences) for chain in chains]:
+                rows.update(future.result())
+    return [rows[name] for name in methods]
 
 
 def run_exact(
@@ -253,11 +279,9 @@ def run_exact(
 def _run_exact(
     out: Path, size: dict[str, int], seed: int, methods: tuple[str, ...], base_model: str | None, workers: int
 ) -> dict:
-    from moalign.cost import estimate
     from moalign.demo.task import prepare_task
     from moalign.generation import load_model
     from moalign.pareto import parse_preferences
-    from moalign.policy import load_policy
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -273,24 +297,7 @@ def _run_exact(
     # π_ref at each preference: where training starts, so KL(π*_w‖π_ref) is the distance a method should close
     start_points = [policy_point(ref_logp, task, ref_logp, w, BETA) for w in preferences]
     rows = [summarise("base (π_ref)", start_points, task, ref_logp)]
-    trained_in = train_all(methods, recipes, workers)
-    for name in methods:
-        run_dir = Path(yaml.safe_load(recipes[name].read_text())["output_dir"])
-        policy = load_policy(run_dir, device="cpu")
-        targets_beta = name in ("modpo", "morl")  # they optimise E[wᵀr] − β·KL at this β
-        points = [
-            policy_point(policy_logps(policy, task, w), task, ref_logp, w, BETA if targets_beta else None)
-            for w in preferences
-        ]
-        row = summarise(LABELS[name], points, task, ref_logp)
-        # a soup's training is its ingredients' (the manifest sums their stages): MORLHF's one-hot models
-        training = read_manifest(run_dir)["training"]
-        counted, seconds = float(training.get("flops", 0.0)), float(training.get("seconds", trained_in[name]))
-        # the estimate made before a run, with rollouts at the length the initial policy samples (a pilot)
-        predicted = None if name == "soups" else estimate(str(recipes[name]), name, pilot_prompts=PILOT)[0].flops
-        row.update(seconds=seconds, flops=counted, estimated_flops=predicted)
-        rows.append(row)
-        log.info(f"exact task: {LABELS[name]} trained and evaluated in {seconds:.0f}s")
+    rows += run_methods(methods, recipes, workers, task, ref_logp, preferences)
     plot(task, ref_logp, rows, out / "exact_front.png")
     result = {
         "task": {"prompts": task.shape[0], "candidates": task.shape[1], "objectives": task.names, "beta": BETA},
