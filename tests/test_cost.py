@@ -439,3 +439,24 @@ def test_paretohqd_estimate_trains_on_the_samples_selection_picks(tmp_path: Path
     # what makes the difference: the selected samples are much shorter than the data's mean
     mean = shape.prompt_tokens + shape.response_tokens + 1
     assert all(length < 0.6 * mean for length in selected_lengths(parsed, shape, []))
+
+
+def test_sft_on_pairs_is_estimated_on_the_chosen_responses(tmp_path: Path):
+    """SFT on a pair file trains on each pair's chosen response; with rejected responses five times longer, the
+    mean over both would overestimate by half, while the estimate on the chosen ones matches the run."""
+    model = build_causal_lm(tmp_path / "lm", n_embd=32, n_layer=2)
+    rows = []
+    for i, text in enumerate(CORPUS[:10]):
+        words = text.split()
+        answer = " ".join(words[3:])
+        rows.append({"prompt": " ".join(words[:3]) + f" {i}", "chosen": answer, "rejected": " ".join([answer] * 5)})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = recipe(  # two whole epochs: every pair trained twice
+        tmp_path, "sft", model_name_or_path=str(model), dataset=str(data), max_steps=4, per_device_train_batch_size=5
+    )
+    assert main(["sft", "--config", str(config)]) == 0
+    counted = read_manifest(tmp_path / "sft")["training"]["flops"]
+    predicted, shape, _ = estimate(str(config))
+    assert shape.pairs and shape.response_tokens > 1.5 * shape.chosen_tokens
+    assert predicted.flops == pytest.approx(counted, rel=0.10)

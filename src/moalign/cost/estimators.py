@@ -34,6 +34,7 @@ class DataShape:
     response_tokens: float
     source: str  # "measured" or "assumed"
     unique_prompts: int | None = None  # what RL trains on (MORL keeps each prompt once); None: every row's own
+    chosen_tokens: float | None = None  # pairs: mean tokens of the chosen responses (what SFT trains on)
 
     @property
     def samples(self) -> int:
@@ -84,6 +85,8 @@ def data_shape(
         mean = lambda texts: sum(len(ids) for ids in tokenizer(list(texts))["input_ids"]) / max(1, len(texts))  # noqa: E731
         shape = DataShape(len(dataset), pairs, mean(prompts), mean([" " + r for r in responses]) + 1, "measured")
         shape.unique_prompts = len(set(dataset["prompt"]))
+        if pairs:
+            shape.chosen_tokens = mean([" " + r for r in head["chosen"]]) + 1
     elif source in KNOWN_DATASETS:
         known = KNOWN_DATASETS[source]
         total = known["rows"] if not config.max_samples else min(known["rows"], config.max_samples)
@@ -266,7 +269,10 @@ def selected_lengths(config: Any, shape: DataShape, scorers: list) -> list[float
 
 def estimate_sft(config: Any, shape: DataShape) -> Estimate:
     recipe, estimate = Recipe(config, shape), Estimate("sft")
-    flops, tokens = recipe.train(_sequences(config, None, shape.rows), recipe.sample_length())
+    length = recipe.sample_length()
+    if shape.chosen_tokens is not None:  # SFT on pairs trains on the chosen responses
+        length = _capped(shape.prompt_tokens + shape.chosen_tokens, config)
+    flops, tokens = recipe.train(_sequences(config, None, shape.rows), length)
     estimate.add("sft", flops, f"{tokens:.3g} trained tokens", tokens)
     return estimate
 
