@@ -200,4 +200,48 @@ def run(quick: bool) -> list[dict[str, Any]]:
             "note": ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
         }
     )
+    return rows + cost_rows(task, [name for name in ("sft", "ric", "paretohqd", "morlhf") if name in trained])
+
+
+PILOT = 32  # prompts `moalign cost --pilot_prompts` samples from the initial policy to estimate answer lengths
+# run -> (method, shipped config, what the benchmark set beside the task's base model and corpus)
+COSTED = {
+    "sft": ("sft", "sft_demo.yaml", {"dataset": ROOT / "data" / "sft_pairs.jsonl"}),
+    "ric": ("ric", "ric_demo.yaml", {}),
+    "paretohqd": ("paretohqd", "paretohqd_demo.yaml", {"stages": 2}),
+    "morlhf": ("morl", "morlhf_demo.yaml", {}),
+}
+
+
+def cost_rows(task: Any, runs: list[str]) -> list[dict[str, Any]]:
+    """`moalign cost` of the YAML each run was trained from, over the FLOPs the run counted: at the configs'
+    generation caps (the default, an upper bound) and with a pilot of the initial policy's answer lengths."""
+    import yaml
+
+    from moalign.cost import estimate
+    from moalign.demo.pipeline import SHIPPED_CONFIGS
+    from moalign.run import read_manifest
+
+    rows = []
+    for run in runs:
+        method, shipped, extra = COSTED[run]
+        values = yaml.safe_load((SHIPPED_CONFIGS / shipped).read_text())
+        values.update(model_name_or_path=str(task.base_model), dataset=str(task.train_path), output_dir=str(ROOT / run))
+        values.update({key: str(value) if isinstance(value, Path) else value for key, value in extra.items()})
+        recipe = ROOT / "configs" / f"{run}.yaml"
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(yaml.safe_dump(values, sort_keys=False))
+        counted = read_manifest(ROOT / run)["training"]["flops"]
+        at_cap, piloted = (estimate(str(recipe), method, pilot_prompts=n)[0] for n in (0, PILOT))
+        generated = next((n.removeprefix("generations: ") for n in piloted.notes if n.startswith("generations:")), "")
+        rows.append(
+            {
+                "section": "moalign cost on the embedded task",
+                "metric": f"{run}: estimate / counted FLOPs",
+                "value": round(piloted.flops / counted, 3),
+                "unit": "×",
+                "note": (f"with --pilot_prompts {PILOT}: {generated}; " if generated else "no generation; ")
+                + f"at the configs' caps {at_cap.flops / counted:.3f}; `moalign cost runs/bench/configs/{run}.yaml`",
+            }
+        )
     return rows
