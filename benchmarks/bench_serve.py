@@ -236,6 +236,7 @@ def stream_timings(url: str, prompts: list[str], count: int, max_tokens: int) ->
 
 def router_rows(run_dir: Path, prompts: list[str], clients: int, limit_s: float, quick: bool) -> list[dict[str, Any]]:
     where, setup = placement()
+    each = 2 if quick else EACH
     with (
         ServerProcess(run_dir, cores=where["upstream"]) as upstream,
         ServerProcess(run_dir, "--upstream", f"{upstream.url}/v1", cores=where["router"]) as router,
@@ -248,7 +249,7 @@ def router_rows(run_dir: Path, prompts: list[str], clients: int, limit_s: float,
         for _ in range(ROUNDS):
             for name, url in (("direct", upstream.url), ("router", router.url)):
                 before = {p.url: cpu_seconds(p.process.pid) for p in (upstream, router)}
-                result = asyncio.run(load(url, prompts, clients, limit_s, EACH if not quick else 2))
+                result = asyncio.run(load(url, prompts, clients, limit_s, each))
                 for p, key in ((upstream, "upstream_cpu"), (router, "router_cpu")):  # ms per request
                     result[key] = (cpu_seconds(p.process.pid) - before[p.url]) * 1000 / result["requests"]
                 rounds[name].append(result)
@@ -262,7 +263,7 @@ def router_rows(run_dir: Path, prompts: list[str], clients: int, limit_s: float,
     router_cpu = float(np.mean([r["router_cpu"] for r in rounds["router"]]))
     added = {q: (np.percentile(routed, q) - np.percentile(direct, q)) * 1000 for q in (50, 99)}
     note = f"{len(direct)} requests one at a time, max_tokens 8, the same requests direct and routed"
-    at = f"{clients} clients × {EACH if not quick else 2} requests, max_tokens {MAX_TOKENS}, mean of {ROUNDS} rounds; {setup}"
+    at = f"{clients} clients × {each} requests, max_tokens {MAX_TOKENS}, mean of {ROUNDS} rounds; {setup}"
     return [
         {"section": "router", "metric": "direct: p50 latency", "value": float(np.percentile(direct, 50)) * 1000, "unit": "ms", "note": note},
         {"section": "router", "metric": "router: p50 latency", "value": float(np.percentile(routed, 50)) * 1000, "unit": "ms", "note": note},

@@ -260,11 +260,12 @@ def selected_lengths(config: Any, shape: DataShape, scorers: list) -> list[float
             frame[name] = given[name]
     preferences = parse_preferences(config.preferences, len(names))
     selections = select_all(frame, names, preferences, config.k, config.n_layers, config.distance)[0]
+    rows = sorted({int(i) for chosen in selections for i in chosen})  # only what stage 1 trains on
     tokenizer = load_tokenizer(config.model_name_or_path)
-    prompts = tokenizer(frame["prompt"].tolist())["input_ids"]
-    responses = tokenizer([" " + r for r in frame["response"]])["input_ids"]
-    lengths = [len(p) + len(r) + 1 for p, r in zip(prompts, responses)]
-    return [sum(lengths[i] for i in chosen) / max(1, len(chosen)) for chosen in selections]
+    prompts = tokenizer(frame["prompt"].iloc[rows].tolist())["input_ids"]
+    responses = tokenizer([" " + r for r in frame["response"].iloc[rows]])["input_ids"]
+    lengths = {row: len(p) + len(r) + 1 for row, p, r in zip(rows, prompts, responses)}
+    return [sum(lengths[int(i)] for i in chosen) / max(1, len(chosen)) for chosen in selections]
 
 
 def estimate_sft(config: Any, shape: DataShape) -> Estimate:

@@ -228,28 +228,38 @@ def train_and_read(name: str, recipe: Path, task: CandidateTask, ref_logp: np.nd
     return row
 
 
-def run_chain(names: list[str], recipes: dict[str, Path], *task_and_preferences: Any) -> dict[str, dict]:
+def run_chain(
+    names: list[str], recipes: dict[str, Path], task: CandidateTask, ref_logp: np.ndarray, preferences
+) -> dict[str, dict]:
     """`train_and_read` for `names`, one after another on one torch thread (a worker process's job)."""
     from moalign.demo.base_model import demo_threads
 
     with demo_threads():
-        return {name: train_and_read(name, recipes[name], *task_and_preferences) for name in names}
+        return {name: train_and_read(name, recipes[name], task, ref_logp, preferences) for name in names}
 
 
-def run_methods(methods: tuple[str, ...], recipes: dict[str, Path], workers: int, *task_and_preferences: Any) -> list:
+def run_methods(
+    methods: tuple[str, ...],
+    recipes: dict[str, Path],
+    workers: int,
+    task: CandidateTask,
+    ref_logp: np.ndarray,
+    preferences,
+) -> list:
     """Every method's row, in the order of `methods`; the chains run in parallel processes when `workers` > 1
     (the numbers are the same: each method trains on one thread from its own seed and is read exactly)."""
     chains = [[name for name in chain if name in methods] for chain in CHAINS]
     chains = [chain for chain in chains if chain]
     rows: dict[str, dict] = {}
     if workers <= 1 or len(chains) <= 1:
-        rows = run_chain([name for chain in chains for name in chain], recipes, *task_and_preferences)
+        rows = run_chain([name for chain in chains for name in chain], recipes, task, ref_logp, preferences)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in [pool.submit(run_chain, chain, recipes, *task_and_preferences) for chain in chains]:
+            jobs = [pool.submit(run_chain, chain, recipes, task, ref_logp, preferences) for chain in chains]
+            for future in jobs:
                 rows.update(future.result())
     return [rows[name] for name in methods]
 

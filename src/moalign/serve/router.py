@@ -102,7 +102,8 @@ class UpstreamEngine:
         self.stats = {"requests": 0, "upstream_errors": 0}
 
     async def start(self) -> None:
-        # At most `in_flight` requests, each on its own keep-alive connection. The timeout bounds connecting and each wait for data, not a whole (long) stream.
+        # At most `in_flight` requests, each on its own keep-alive connection. The timeout bounds connecting and
+        # each wait for data, not a whole (long) stream.
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
