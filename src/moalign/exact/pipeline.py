@@ -213,10 +213,13 @@ def train_and_read(name: str, recipe: Path, task: CandidateTask, ref_logp: np.nd
     run_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
     policy = load_policy(run_dir, device="cpu")
     targets_beta = name in ("modpo", "morl")  # they optimise E[wᵀr] − β·KL at this β
-    points = [
-        policy_point(policy_logps(policy, task, w), task, ref_logp, w, BETA if targets_beta else None)
-        for w in preferences
-    ]
+    read: dict = {}  # preferences a policy serves alike (SFT: one model, one prompt) are read once
+    points = []
+    for w in preferences:
+        variant = policy.variant(policy.check_weights(w))
+        if variant not in read:
+            read[variant] = policy_logps(policy, task, w)
+        points.append(policy_point(read[variant], task, ref_logp, w, BETA if targets_beta else None))
     row = summarise(LABELS[name], points, task, ref_logp)
     # a soup's training is its ingredients' (the manifest sums their stages): MORLHF's one-hot models
     training = read_manifest(run_dir)["training"]
