@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-lowest bench lint clean
 
 install: $(STAMP)
 
@@ -38,9 +38,22 @@ test: install $(COMPILED)
 bench: install $(COMPILED)
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick,)
 
+# The lower bounds in pyproject.toml, checked: the tests in a second environment holding the lowest versions they
+# allow (uv's lowest-direct resolution). torch stays the build installed there: old ones come only as CUDA builds.
+LOWEST ?= .venv-lowest
+test-lowest:
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip uv
+	$(LOWEST)/bin/python -c "import torch" 2>/dev/null || $(LOWEST)/bin/python -m pip install -q --no-compile torch==2.13.0
+	$(LOWEST)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(LOWEST)/torch.txt
+	$(LOWEST)/bin/uv pip compile -q pyproject.toml --extra dev --resolution lowest-direct \
+		--python $(LOWEST)/bin/python --override $(LOWEST)/torch.txt -o $(LOWEST)/lowest.txt
+	$(LOWEST)/bin/python -m pip install -q --no-compile -c $(LOWEST)/lowest.txt -e ".[dev]"
+	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider
+
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) runs .pytest_cache .ruff_cache
