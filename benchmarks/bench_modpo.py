@@ -83,7 +83,7 @@ def make_trainer(method: str, model_dir: Path, dataset, out: Path, batch: int):
         save_strategy="no",
         use_cpu=not cuda,
         bf16=cuda,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=0,
     )
     model, tokenizer = load_causal_lm(str(model_dir)), load_tokenizer(str(model_dir))

@@ -245,7 +245,7 @@ def test_modpo_approaches_the_exact_optimum(tmp_path: Path):
         logging_steps=1000,
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         dataloader_num_workers=0,
         seed=0,
     )

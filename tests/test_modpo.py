@@ -60,7 +60,7 @@ def dpo_args(out: Path, **extra) -> DPOConfig:
         report_to="none",
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         save_strategy="no",
         logging_steps=1,
         learning_rate=1e-2,

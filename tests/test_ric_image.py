@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 from moalign.cli import main
+from moalign.configs import FOLDER as SHIPPED_CONFIGS
 from moalign.demo.images import demo_tokenizer, eval_captions, tiny_pipeline, write_corpus
 from moalign.errors import MoalignError
-from moalign.image.denoiser import CaptionDropout
+from moalign.image.denoiser import CaptionDropout, trainer_args
 from moalign.image.pipeline import conditioned_caption, token_budget
 from moalign.image.policy import collapsed
 from moalign.image.ric import RiCImageConfig, train
@@ -369,3 +370,32 @@ def test_bad_input_is_one_line_and_writes_nothing(case, setup, tmp_path, capsys)
     errors = re.findall(r"moalign ric-image: error: [^\r\n]*", capsys.readouterr().err)
     assert len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_papers_checkpointing_on_a_gpu_is_the_unets_not_the_trainers(monkeypatch, tmp_path):
+    """ric_sd15.yaml asks for gradient checkpointing. On a GPU the UNet checkpoints itself; the Trainer's switch
+    must stay off (it would call `gradient_checkpointing_enable`, which diffusers' UNet does not have), and turning
+    it off by its old name alone does not: transformers keeps the new name's value."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the config keeps what a GPU run keeps
+    # our config code sees a GPU; transformers places on the CPU (use_cpu), where this machine can
+    argv = [
+        "--config",
+        str(SHIPPED_CONFIGS / "ric_sd15.yaml"),
+        "--bf16",
+        "false",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+    ]
+    config = parse_config(RiCImageConfig, [*argv, "--dataset", "images", "--output_dir", str(tmp_path / "run")])
+    assert config.gradient_checkpointing and config.activation_checkpointing  # what the UNet is asked for
+    from diffusers import UNet2DConditionModel
+
+    # what the Trainer's switch would call on it, and what it has instead
+    assert not hasattr(UNet2DConditionModel, "gradient_checkpointing_enable")
+    assert not hasattr(UNet2DConditionModel, "activation_checkpointing_enable")
+    assert hasattr(UNet2DConditionModel, "enable_gradient_checkpointing")
+    args = trainer_args(config, tmp_path / "stage")
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+    assert config.gradient_checkpointing  # the config itself is untouched

@@ -112,6 +112,13 @@ class EMACallback(TrainerCallback):
             self.ema.load_state_dict(torch.load(Path(checkpoint) / self.FILE, weights_only=False))
 
 
+def trainer_args(config, stage_dir: Path, **overrides: Any):
+    """A stage's Trainer arguments. The UNet checkpoints itself (`config.gradient_checkpointing`, in
+    `train_denoiser`): the Trainer's own switch would call `gradient_checkpointing_enable`, which diffusers' models
+    lack, so it is off, by its transformers 5 name (a copy that sets only the old name keeps the new one's value)."""
+    return stage_args(config, stage_dir, remove_unused_columns=False, activation_checkpointing=False, **overrides)
+
+
 def train_denoiser(
     config: RiCImageConfig,
     denoiser: Path | None,
@@ -126,7 +133,7 @@ def train_denoiser(
     if (done := finished_stage(final_dir)) is not None:
         log.info(f"stage {final_dir.name}: already trained, skipping")
         return done
-    args = stage_args(config, stage_dir, remove_unused_columns=False, gradient_checkpointing=False, **overrides)
+    args = trainer_args(config, stage_dir, **overrides)
     pipeline = load_pipeline(config.model_name_or_path, denoiser, device=args.device)
     for module in (pipeline.text_encoder, getattr(pipeline, "vae", None)):
         if module is not None:

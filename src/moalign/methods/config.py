@@ -72,11 +72,12 @@ class CommonArguments:
     )
 
     def __post_init__(self) -> None:
-        # TRL defaults to bf16 and gradient checkpointing, which a CPU run cannot use.
+        # TRL defaults to bf16 and gradient checkpointing, which a CPU run cannot use. Checkpointing is set by its
+        # transformers 5 name: the old one only counts while the new one is unset.
         if not torch.cuda.is_available():
             self.bf16 = False
             self.fp16 = False
-            self.gradient_checkpointing = False
+            self.activation_checkpointing = self.gradient_checkpointing = False
             self.use_cpu = True
         from moalign.models import ModelOptions
 
