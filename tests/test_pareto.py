@@ -24,6 +24,15 @@ def test_hypervolume_two_objectives_by_hand():
     assert hypervolume(points + [[1, 1], [-1, 5]], [0, 0]) == pytest.approx(6.0)
 
 
+def test_hypervolume_of_one_objective_is_the_best_point_above_the_reference():
+    """A one-objective front (`moalign eval` with one objective) on many random fronts: moocore before 0.3 read
+    past its buffers here and crashed the process within a few hundred calls."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        points = rng.normal(size=(int(rng.integers(1, 12)), 1))
+        assert hypervolume(points, [-5.0]) == pytest.approx(points.max() + 5.0)
+
+
 def test_hypervolume_three_objectives_by_hand():
     # Two boxes [0,2]x[0,1]x[0,1] and [0,1]x[0,2]x[0,1] overlap in a unit cube: 2 + 2 - 1 = 3.
     assert hypervolume([[2, 1, 1], [1, 2, 1]], [0, 0, 0]) == pytest.approx(3.0)
