@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moalign-installed
 COMPILED := $(VENV)/.moalign-compiled
+# The CPU build, installed only where an environment has no torch
+TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -18,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-compile $(TORCH)
 	$(PY) -m pip install -q --no-compile -e ".[dev]"
 	touch $(STAMP)
 
@@ -44,7 +46,7 @@ LOWEST ?= .venv-lowest
 test-lowest:
 	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/python -m pip install -q --upgrade pip uv
-	$(LOWEST)/bin/python -c "import torch" 2>/dev/null || $(LOWEST)/bin/python -m pip install -q --no-compile torch==2.13.0
+	$(LOWEST)/bin/python -c "import torch" 2>/dev/null || $(LOWEST)/bin/python -m pip install -q --no-compile $(TORCH)
 	$(LOWEST)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(LOWEST)/torch.txt
 	$(LOWEST)/bin/uv pip compile -q pyproject.toml --extra dev --resolution lowest-direct \
 		--python $(LOWEST)/bin/python --override $(LOWEST)/torch.txt -o $(LOWEST)/lowest.txt

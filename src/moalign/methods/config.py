@@ -73,11 +73,11 @@ class CommonArguments:
 
     def __post_init__(self) -> None:
         # TRL defaults to bf16 and gradient checkpointing, which a CPU run cannot use. Checkpointing is set by its
-        # transformers 5 name: the old one only counts while the new one is unset.
+        # transformers 5 name: the old one only counts while the new one is unset, and then mirrors it.
         if not torch.cuda.is_available():
             self.bf16 = False
             self.fp16 = False
-            self.activation_checkpointing = self.gradient_checkpointing = False
+            self.activation_checkpointing = False
             self.use_cpu = True
         from moalign.models import ModelOptions
 
